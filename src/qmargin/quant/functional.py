@@ -27,7 +27,12 @@ __all__ = ["quantize", "dequantize", "fake_quantize", "compute_scale", "code_dty
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:
-    """``int8`` for symmetric (two's complement) codes, ``uint8`` for asymmetric (unsigned) ones."""
+    """``int8`` for symmetric (two's complement) codes, ``uint8`` for asymmetric (unsigned) ones.
+
+    Precision studies above 8 bits use ``int16`` (symmetric) and ``int32`` (asymmetric) codes.
+    """
+    if spec.bits > 8:
+        return torch.int16 if spec.symmetric else torch.int32
     return torch.int8 if spec.symmetric else torch.uint8
 
 

@@ -80,7 +80,9 @@ class QuantizedTensors(nn.Module):
         spec = self.quant_specs[name]
         ref = self.float_tensor(name)
         if tuple(codes.shape) != tuple(ref.shape):
-            raise ValueError(f"{name}: codes of shape {tuple(codes.shape)} for a tensor of {tuple(ref.shape)}")
+            raise ValueError(
+                f"{name}: codes of shape {tuple(codes.shape)} for a tensor of {tuple(ref.shape)}"
+            )
         self._set_stored(
             name, codes.to(ref.device), scale.to(ref.device, ref.dtype), zero_point.to(ref.device)
         )
@@ -165,8 +167,13 @@ class QuantLinear(nn.Linear, QuantizedTensors):
     @classmethod
     def from_float(cls, m: nn.Linear, spec: QuantSpec, bias_spec: QuantSpec | None = None) -> QuantLinear:
         q = cls(
-            m.in_features, m.out_features, m.bias is not None, spec, bias_spec,
-            device=m.weight.device, dtype=m.weight.dtype,
+            m.in_features,
+            m.out_features,
+            m.bias is not None,
+            spec,
+            bias_spec,
+            device=m.weight.device,
+            dtype=m.weight.dtype,
         )
         with torch.no_grad():
             q.weight.copy_(m.weight)
@@ -201,9 +208,19 @@ class QuantConv2d(nn.Conv2d, QuantizedTensors):
     @classmethod
     def from_float(cls, m: nn.Conv2d, spec: QuantSpec, bias_spec: QuantSpec | None = None) -> QuantConv2d:
         q = cls(
-            m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-            dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-            spec=spec, bias_spec=bias_spec, device=m.weight.device, dtype=m.weight.dtype,
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+            spec=spec,
+            bias_spec=bias_spec,
+            device=m.weight.device,
+            dtype=m.weight.dtype,
         )
         with torch.no_grad():
             q.weight.copy_(m.weight)
@@ -216,7 +233,9 @@ class QuantConv2d(nn.Conv2d, QuantizedTensors):
         return getattr(self, name)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_tensor("weight"), self._maybe_quantized("bias", self.bias))
+        return self._conv_forward(
+            x, self.quantized_tensor("weight"), self._maybe_quantized("bias", self.bias)
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, spec={self.quant_specs['weight']}"

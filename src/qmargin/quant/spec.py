@@ -11,7 +11,10 @@ class QuantSpec:
     """A uniform weight quantizer.
 
     Args:
-        bits: word width b of one stored code, 1..8. ``bits=1`` is a binary sign code with a scale
+        bits: word width b of one stored code. Weights in memory use 1..8 (what training, the
+            stored integer state and the bit-error engine accept); 9..16 are allowed for precision
+            studies such as the MonDEQ certificate sweeps (codes then are ``int16``/``int32``).
+            ``bits=1`` is a binary sign code with a scale
             (symmetric only): ``code in {-1, +1}`` stored as one bit (1 = +1, 0 = -1).
         symmetric: two's-complement codes in ``[-qmax, qmax]``, ``qmax = 2**(b-1) - 1`` (narrow
             range) with zero point 0; otherwise unsigned codes in ``[0, 2**b - 1]`` with a zero point.
@@ -27,9 +30,13 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
-        if not 1 <= self.bits <= 8:
-            raise ValueError(f"bits must be in 1..8 for stored weights, got {self.bits}")
+            raise ValueError(
+                f"bits must be an integer in 1..8 (1..16 for precision studies), got {self.bits!r}"
+            )
+        if not 1 <= self.bits <= 16:
+            raise ValueError(
+                f"bits must be in 1..8 for stored weights (1..16 for precision studies), got {self.bits}"
+            )
         if self.bits == 1 and not self.symmetric:
             raise ValueError("1-bit quantization is a symmetric sign code; asymmetric needs bits >= 2")
         if self.w_max is not None and not (self.w_max > 0):

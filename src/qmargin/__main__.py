@@ -1,0 +1,3 @@
+from qmargin.cli import main
+
+main()

@@ -1,0 +1,521 @@
+"""The ``qmargin`` command: flags, printing, progress bars and exit codes live here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from qmargin.errors import ConfigError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Train, stress-test and certify low-precision neural networks (MCEL, bit errors, MonDEQ).",
+)
+reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce the papers' experiments.")
+app.add_typer(reproduce_app, name="reproduce")
+
+# Wide enough for the result tables when the output is a file or a pipe (rich assumes 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+# -- parsing helpers ----------------------------------------------------------------------------
+
+
+def parse_float_list(
+    text: str, what: str, *, lo: float | None = None, hi: float | None = None
+) -> list[float]:
+    """``"0,1e-3,0.01"`` -> ``[0.0, 0.001, 0.01]``, each checked against ``[lo, hi]``."""
+    values: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise ConfigError(f"{what}: {part!r} is not a number") from None
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{what} must be in [{lo}, {hi}], got {part}")
+        values.append(v)
+    if not values:
+        raise ConfigError(f"{what}: give at least one value")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}: duplicate values in {text!r}")
+    return values
+
+
+def parse_bers(text: str) -> list[float]:
+    return parse_float_list(text, "--ber (bit error rate)", lo=0.0, hi=1.0)
+
+
+def parse_int_list(text: str, what: str, *, lo: int, hi: int) -> list[int]:
+    out = []
+    for v in parse_float_list(text, what, lo=lo, hi=hi):
+        if v != int(v):
+            raise ConfigError(f"{what}: {v} is not an integer")
+        out.append(int(v))
+    return out
+
+
+def _progress_enabled(quiet: bool) -> bool:
+    return not quiet and console.is_terminal
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    bits: Annotated[int, typer.Option(help="Weight bits of the quantized MLP (1..8).")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per loss.")] = 30,
+    ber: Annotated[
+        str, typer.Option(help="Comma-separated bit error rates in [0, 1].")
+    ] = "0,0.001,0.01,0.05",
+    repeats: Annotated[int, typer.Option(min=1, help="Seeded error patterns per BER.")] = 10,
+    seed: Annotated[int, typer.Option(min=0, help="Training seed (patterns use 100, 101, ...).")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the runs and results (default: a temp dir).")
+    ] = None,
+    mondeq: Annotated[bool, typer.Option(help="Also train and certify a small MonDEQ.")] = True,
+) -> None:
+    """Train a 4-bit MLP on the built-in digits with CE and MCEL, stress it with bit errors, and
+    certify a small MonDEQ across bit widths."""
+    bers = parse_bers(ber)
+    if not 1 <= bits <= 8:
+        raise ConfigError(f"--bits must be in 1..8, got {bits}")
+    from qmargin.experiments.demo import run_demo
+    from qmargin.report import compare_table
+
+    console.print(f"[bold]qmargin demo[/]: digits, MLP 64-256-256-10, {bits}-bit weights, CE vs MCEL")
+    result = run_demo(
+        bits=bits,
+        epochs=epochs,
+        bers=bers,
+        repeats=repeats,
+        seed=seed,
+        out_dir=out,
+        mondeq=mondeq,
+        log=lambda msg: console.print(msg),
+    )
+    console.print(
+        compare_table(result["campaigns"], title=f"accuracy under random bit errors ({repeats} patterns)")
+    )
+    for label, t in result["train_time_s"].items():
+        console.print(f"  training time {label}: {t:.1f} s")
+    if result.get("certificates"):
+        from qmargin.report.certificates import certificate_table
+
+        console.print(certificate_table(result["certificates"], title=result["mondeq_title"]))
+    console.print(f"results: {result['out_dir']}")
+
+
+# -- train --------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Run directory (config, checkpoints, metrics).")],
+    dataset: Annotated[
+        str, typer.Option(help="digits | mnist5k | mnist | fashion-mnist | cifar10")
+    ] = "digits",
+    model: Annotated[str, typer.Option(help="mlp | vgg3 | vgg7 | resnet20 | mondeq")] = "mlp",
+    bits: Annotated[int, typer.Option(help="Weight bits 1..8, or 32 for a float model.")] = 8,
+    quant: Annotated[str, typer.Option(help="sym (two's complement) | asym (unsigned + zero point)")] = "sym",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="Scale per output channel.")
+    ] = False,
+    loss: Annotated[str, typer.Option(help="ce | mcel | mhl")] = "ce",
+    margin: Annotated[float | None, typer.Option(help="MCEL margin M (default: from the ablation).")] = None,
+    bound: Annotated[
+        float | None, typer.Option(help="MCEL soft-clamp bound T (default: from the ablation).")
+    ] = None,
+    logit_scale: Annotated[float | None, typer.Option(help="MCEL fixed logit scale s.")] = None,
+    hinge_b: Annotated[float | None, typer.Option(help="MHL hinge b.")] = None,
+    train_ber: Annotated[
+        float, typer.Option(help="RandBET: train with bit errors at this BER (0: off).")
+    ] = 0.0,
+    w_max: Annotated[float | None, typer.Option(help="Weight clipping to [-w_max, w_max].")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam | sgd")] = "adam",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
+    schedule: Annotated[str, typer.Option(help="none | cosine | step")] = "none",
+    seed: Annotated[int, typer.Option(help="Seed of everything random in training.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
+    download: Annotated[bool, typer.Option(help="Download missing dataset files (checksummed).")] = False,
+    certify: Annotated[
+        bool, typer.Option(help="MonDEQ: certified (margin-aware) quantization-aware training.")
+    ] = False,
+    hidden: Annotated[int | None, typer.Option(help="MonDEQ hidden size n / MLP width.")] = None,
+    force: Annotated[bool, typer.Option(help="Discard what the run directory holds and start over.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train one model (resumes an interrupted run in the same directory)."""
+    from qmargin.data import load_dataset
+    from qmargin.training import TrainConfig
+    from qmargin.training import train as train_run
+
+    model_kwargs: dict = {}
+    if model == "mondeq":
+        if certify:
+            model_kwargs["certify"] = True
+        if hidden is not None:
+            model_kwargs["n"] = hidden
+    elif certify:
+        raise ConfigError("--certify applies to --model mondeq only")
+    elif hidden is not None:
+        model_kwargs["hidden"] = [hidden, hidden] if model == "mlp" else hidden
+    config = TrainConfig(
+        dataset=dataset,
+        model=model,
+        bits=bits,
+        quant=quant,
+        per_channel=per_channel,
+        loss=loss,
+        margin=margin,
+        bound=bound,
+        logit_scale=logit_scale,
+        hinge_b=hinge_b,
+        train_ber=train_ber,
+        w_max=w_max,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        seed=seed,
+        device=device,
+        data_dir=str(data_dir) if data_dir else None,
+        model_kwargs=model_kwargs,
+    )
+    data = load_dataset(dataset, data_dir=data_dir, download=download)
+    with _TrainProgress(enabled=_progress_enabled(quiet)) as progress:
+        result = train_run(config, dataset=data, out_dir=out, progress=progress, force=force)
+    if result.skipped:
+        console.print(f"{out}: already trained (use --force to retrain)")
+    for rec in result.history[-3:] if not quiet else []:
+        console.print(
+            f"  epoch {rec['epoch']:>3}: train loss {rec['train_loss']:.4f}  "
+            f"train acc {rec['train_acc']:.4f}  test acc {rec['test_acc']:.4f}"
+        )
+    console.print(
+        f"test accuracy {result.test_acc:.4f}  ({result.config.loss}, {_bits_label(result.config.bits)}, "
+        f"train time {result.train_time_s:.1f} s)  -> {out}"
+    )
+
+
+def _bits_label(bits: int) -> str:
+    return "float" if bits == 32 else f"{bits}-bit"
+
+
+class _TrainProgress:
+    """A rich progress bar fed by the trainer's progress callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> _TrainProgress | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=True,
+        )
+        self._progress.__enter__()
+        return self
+
+    def __call__(self, epoch: int, step: int, metrics: dict) -> None:
+        assert self._progress is not None
+        event = metrics.get("event")
+        if event == "start":
+            total = metrics["epochs"] * metrics["steps_per_epoch"]
+            self._task = self._progress.add_task("training", total=total, completed=step, info="")
+        elif event == "step" and self._task is not None:
+            self._progress.update(
+                self._task, completed=step, info=f"epoch {epoch} loss {metrics['loss']:.3f}"
+            )
+        elif event == "epoch" and self._task is not None:
+            self._progress.update(self._task, info=f"epoch {epoch} test acc {metrics['test_acc']:.3f}")
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory written by 'qmargin train'.")],
+    ber: Annotated[
+        str, typer.Option(help="Comma-separated bit error rates in [0, 1].")
+    ] = "0,0.001,0.01,0.05",
+    repeats: Annotated[int, typer.Option(min=1, help="Seeded error patterns per BER.")] = 20,
+    seed: Annotated[int, typer.Option(min=0, help="Base seed: pattern r uses seed + r (paired).")] = 100,
+    out: Annotated[
+        Path | None, typer.Option(help="Result JSON (CSV beside it). Default: RUN/ber.json")
+    ] = None,
+    protected_bits: Annotated[
+        str | None, typer.Option(help="Bit positions that never flip, e.g. 7 (bit 0 = LSB).")
+    ] = None,
+    layers: Annotated[str, typer.Option(help="Comma-separated glob patterns of layers to hit.")] = "*",
+    include_bias: Annotated[bool, typer.Option(help="Also hit biases stored as codes.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a result file with other settings.")] = False,
+    plot: Annotated[bool, typer.Option(help="Also write a PNG plot beside the JSON.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Accuracy under random bit errors: BER grid x seeded patterns (resumable)."""
+    bers = parse_bers(ber)
+    protected = (
+        tuple(parse_int_list(protected_bits, "--protected-bits", lo=0, hi=7)) if protected_bits else ()
+    )
+    out = out or run / "ber.json"
+    from qmargin.experiments.evaluate import evaluate_run
+    from qmargin.report import ber_table, plot_accuracy_vs_ber
+
+    with _CampaignProgress(enabled=_progress_enabled(quiet)) as progress:
+        result = evaluate_run(
+            run,
+            bers=bers,
+            repeats=repeats,
+            base_seed=seed,
+            out_path=out,
+            protected_bits=protected,
+            layers=tuple(p.strip() for p in layers.split(",") if p.strip()),
+            include_bias=include_bias,
+            batch_size=batch_size,
+            device=device,
+            data_dir=data_dir,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    console.print(ber_table(result, title=f"{run}: accuracy under random bit errors ({repeats} patterns)"))
+    if plot:
+        png = out.with_suffix(".png")
+        plot_accuracy_vs_ber([(run.name, result)], png, title=f"{run.name}")
+        console.print(f"wrote {out}, {out.with_suffix('.csv')}, {png}")
+    else:
+        console.print(f"wrote {out}, {out.with_suffix('.csv')}")
+
+
+class _CampaignProgress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("patterns"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=True,
+        )
+        self._progress.__enter__()
+        return self
+
+    def __call__(self, p) -> None:
+        assert self._progress is not None
+        if self._task is None:
+            self._task = self._progress.add_task("patterns", total=p.total, info="")
+        self._progress.update(self._task, completed=p.done, info=f"BER {p.ber:g}: {p.accuracy:.3f}")
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+
+@app.command()
+def compare(
+    items: Annotated[
+        list[Path], typer.Argument(help="Run directories (their ber.json) or campaign JSON files.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Plot PNG (default: compare.png in the current directory).")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Comma-separated labels (default: directory names).")
+    ] = None,
+    markdown: Annotated[bool, typer.Option(help="Print a markdown table instead of a rich table.")] = False,
+) -> None:
+    """Side-by-side table and one plot of several campaigns."""
+    from qmargin.experiments.campaign import load_campaign
+    from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber
+
+    names = [s.strip() for s in labels.split(",")] if labels else None
+    if names is not None and len(names) != len(items):
+        raise ConfigError(f"--labels has {len(names)} names for {len(items)} items")
+    results = []
+    for i, item in enumerate(items):
+        path = item / "ber.json" if item.is_dir() else item
+        if not path.is_file():
+            raise ConfigError(f"{path}: no campaign results (run 'qmargin evaluate {item}' first)")
+        label = names[i] if names else (item.name if item.is_dir() else item.parent.name or item.stem)
+        results.append((label, load_campaign(path)))
+    if markdown:
+        print(format_markdown_table(results, compare=True))
+    else:
+        console.print(compare_table(results, title="accuracy under random bit errors"))
+    out = out or Path("compare.png")
+    plot_accuracy_vs_ber(results, out, title="accuracy vs bit error rate")
+    console.print(f"wrote {out}")
+
+
+# -- certify ------------------------------------------------------------------------------------
+
+
+@app.command()
+def certify(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="MonDEQ run directory, or a .pt state dict (2020 / 2026 format).")
+    ],
+    bits: Annotated[
+        str, typer.Option(help="Comma-separated bit widths 2..8 (up to 16 for W as a study).")
+    ] = "3,4,5,6,8",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="Per-row scales for W.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the certificates as JSON.")] = None,
+    m: Annotated[
+        float | None, typer.Option(help="m of a 2020-format checkpoint (a constructor argument there).")
+    ] = None,
+    ber: Annotated[
+        float | None, typer.Option(help="Also certify under random bit errors at this BER.")
+    ] = None,
+    patterns: Annotated[int, typer.Option(min=1, help="Error patterns for --ber.")] = 100,
+) -> None:
+    """Certificates of a MonDEQ quantized at several bit widths, from the weights alone."""
+    bit_list = parse_int_list(bits, "--bits", lo=1, hi=16)
+    if ber is not None and not 0.0 <= ber <= 1.0:
+        raise ConfigError(f"--ber must be in [0, 1], got {ber}")
+    from qmargin.experiments.certify import certify_checkpoint
+    from qmargin.report.certificates import certificate_table
+
+    result = certify_checkpoint(
+        checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns
+    )
+    console.print(certificate_table(result["results"], title=f"{checkpoint}: quantization certificates"))
+    if out is not None:
+        from qmargin.training.checkpoint import atomic_write_json
+
+        atomic_write_json(out, result)
+        console.print(f"wrote {out}")
+
+
+# -- reproduce ----------------------------------------------------------------------------------
+
+
+@reproduce_app.command("mcel")
+def reproduce_mcel(
+    preset: Annotated[
+        str, typer.Option(help="fast (mnist5k, minutes on CPU) | full | fashion | cifar10")
+    ] = "fast",
+    out: Annotated[Path, typer.Option(help="Output directory (runs, results, plots).")] = Path(
+        "runs/reproduce-mcel"
+    ),
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Directory of file-based datasets (full presets).")
+    ] = None,
+    results_dir: Annotated[
+        Path | None, typer.Option(help="Also write tables and plots here (docs/results).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """CE vs MCEL vs MHL vs RandBET vs CE+clipping at 2/4/8 bits under bit errors."""
+    from qmargin.experiments.mcel import run_mcel_reproduction
+
+    log = (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+    result = run_mcel_reproduction(
+        preset=preset, out_dir=out, data_dir=data_dir, log=log, results_dir=results_dir
+    )
+    print(result["markdown"])
+    console.print(f"results: {out}")
+
+
+@reproduce_app.command("mcel-ablation")
+def reproduce_mcel_ablation(
+    out: Annotated[Path, typer.Option(help="Output directory (runs, results).")] = Path("runs/mcel-ablation"),
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    repeats: Annotated[int, typer.Option(min=1, help="Error patterns per BER.")] = 20,
+    results_dir: Annotated[
+        Path | None, typer.Option(help="Also write the table here (docs/results).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Grid over MCEL's bound T, margin M and a fixed logit scale s at 2 and 4 bits (sets the defaults)."""
+    seed_list = parse_int_list(seeds, "--seeds", lo=0, hi=2**31 - 1)
+    from qmargin.experiments.ablation import run_mcel_ablation
+
+    log = (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+    result = run_mcel_ablation(
+        out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log
+    )
+    print(result["markdown"])
+
+
+@reproduce_app.command("mondeq")
+def reproduce_mondeq(
+    preset: Annotated[str, typer.Option(help="fast | full")] = "fast",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/reproduce-mondeq"),
+    results_dir: Annotated[
+        Path | None, typer.Option(help="Also write tables and plots here (docs/results).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """MonDEQ PTQ sweep with certificates, displacement validation, QAT and certified QAT."""
+    from qmargin.experiments.mondeq import run_mondeq_reproduction
+
+    log = (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+    result = run_mondeq_reproduction(preset=preset, out_dir=out, log=log, results_dir=results_dir)
+    print(result["markdown"])
+    console.print(f"results: {out}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets and where their files go."""
+    from qmargin.data import available_datasets, dataset_info
+
+    for name in available_datasets():
+        info = dataset_info(name)
+        console.print(f"{name:<14} {'x'.join(map(str, info.input_shape)):<8} {info.num_classes} classes")
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,281 @@
+"""The dataset registry: `DatasetInfo`, `Dataset`, `load_dataset` and friends (design.md §6).
+
+A registered dataset is a `DatasetInfo` (what it is, without loading anything) plus a *loader*, a
+function ``loader(data_dir) -> RawSplits`` that returns pixels scaled to ``[0, 1]``. The registry then
+applies the documented normalisation
+
+    x_norm[:, c] = (x[:, c] - mean[c]) / std[c]        (x in [0, 1], c = channel)
+
+and hands back torch tensors. Datasets listed in `qmargin.data.download.DOWNLOADS` can be fetched with
+``download=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from qmargin.errors import DataError
+
+__all__ = [
+    "DatasetInfo",
+    "Dataset",
+    "RawSplits",
+    "Loader",
+    "register_dataset",
+    "unregister_dataset",
+    "available_datasets",
+    "dataset_info",
+    "load_dataset",
+    "default_data_dir",
+    "normalize",
+    "missing_files_error",
+]
+
+DATA_ENV = "QMARGIN_DATA"
+"""Environment variable naming the default data directory."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is, known without loading it.
+
+    Attributes:
+        name: registry name (``"mnist5k"``, ``"cifar10"``, ...).
+        input_shape: ``(C, H, W)`` of one image.
+        num_classes: number of labels; labels are ``0 .. num_classes - 1``.
+        classes: human-readable class names (index = label), if known.
+        normalization: ``(mean, std)``, one float per channel, applied to pixels in ``[0, 1]``.
+        source: where the pixels come from (package function or official files).
+        description: one line for listings.
+        split: how train and test are formed.
+        num_train: number of training images (nominal for user-supplied files).
+        num_test: number of test images (nominal for user-supplied files).
+        layout: for datasets read from a directory: which files go where, relative to the data
+            directory; ``None`` for datasets that ship inside a Python package.
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]
+    source: str
+    description: str = ""
+    split: str = ""
+    classes: tuple[str, ...] | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+    layout: str | None = None
+
+    def __post_init__(self) -> None:
+        mean, std = self.normalization
+        channels = self.input_shape[0]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"{self.name}: normalization needs one mean and std per channel ({channels})")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"{self.name}: normalization std must be positive, got {std}")
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
+
+    @property
+    def needs_files(self) -> bool:
+        """True when the data is read from a directory (not shipped inside a Python package)."""
+        return self.layout is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        mean, std = self.normalization
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "classes": None if self.classes is None else list(self.classes),
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "source": self.source,
+            "description": self.description,
+            "split": self.split,
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "layout": self.layout,
+        }
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: normalised float32 images ``N x C x H x W`` and int64 labels ``N``."""
+
+    x_train: torch.Tensor = field(repr=False)
+    y_train: torch.Tensor = field(repr=False)
+    x_test: torch.Tensor = field(repr=False)
+    y_test: torch.Tensor = field(repr=False)
+    info: DatasetInfo
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.info.name!r}, train={tuple(self.x_train.shape)}, "
+            f"test={tuple(self.x_test.shape)}, classes={self.info.num_classes})"
+        )
+
+
+class RawSplits(NamedTuple):
+    """What a loader returns: x float32 ``N x C x H x W`` in ``[0, 1]`` (not normalised), y int64."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+Loader = Callable[[Path], RawSplits]
+"""``loader(data_dir) -> RawSplits``; datasets shipped in packages ignore ``data_dir``."""
+
+_REGISTRY: dict[str, tuple[DatasetInfo, Loader]] = {}
+
+
+def register_dataset(info: DatasetInfo, loader: Loader, *, overwrite: bool = False) -> None:
+    """Add a dataset to the registry under ``info.name``.
+
+    Raises:
+        ValueError: the name is taken and ``overwrite`` is false.
+    """
+    if info.name in _REGISTRY and not overwrite:
+        raise ValueError(f"dataset {info.name!r} is already registered")
+    _REGISTRY[info.name] = (info, loader)
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a dataset from the registry (no error when it is not there)."""
+    _REGISTRY.pop(name, None)
+
+
+def available_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[DatasetInfo, Loader]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(available_datasets())
+        raise DataError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The `DatasetInfo` of a registered dataset, without loading it.
+
+    Raises:
+        DataError: unknown name (the message lists the known ones).
+    """
+    return _lookup(name)[0]
+
+
+def default_data_dir() -> Path:
+    """``$QMARGIN_DATA`` if set, else ``~/.cache/qmargin/data``."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "qmargin" / "data"
+
+
+def normalize(x: np.ndarray, info: DatasetInfo) -> np.ndarray:
+    """``(x[:, c] - mean[c]) / std[c]`` in place on a float32 ``N x C x H x W`` array; returns it."""
+    mean, std = info.normalization
+    x -= np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    x /= np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return x
+
+
+def missing_files_error(info: DatasetInfo, data_dir: Path, missing: list[str]) -> DataError:
+    """The `DataError` for absent files: says where to put them and how to download them."""
+    if data_dir.exists() and not data_dir.is_dir():
+        where = f"data directory {data_dir} is not a directory"
+    elif not data_dir.is_dir():
+        where = f"data directory {data_dir} does not exist"
+    else:
+        where = f"missing in {data_dir}: {', '.join(missing)}"
+    return DataError(
+        f"{info.name}: {where}; put the files in {data_dir} (layout: {info.layout}), "
+        f"or download them with --download (download=True)"
+    )
+
+
+def _check_part(info: DatasetInfo, part: str, x: np.ndarray, y: np.ndarray) -> None:
+    if x.ndim != 4 or tuple(x.shape[1:]) != info.input_shape:
+        raise DataError(
+            f"{info.name}: {part} images have shape {tuple(x.shape)}, expected N x {info.input_shape}"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{info.name}: {x.shape[0]} {part} images but labels of shape {tuple(y.shape)}")
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= info.num_classes):
+        raise DataError(f"{info.name}: {part} labels outside 0..{info.num_classes - 1}")
+
+
+def _to_tensors(
+    info: DatasetInfo, x: np.ndarray, y: np.ndarray, do_normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not x.flags.writeable:
+        x = x.copy()
+    if do_normalize:
+        normalize(x, info)
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    if not y.flags.writeable:
+        y = y.copy()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    base_url: str | None = None,
+    normalize: bool = True,
+) -> Dataset:
+    """Load a registered dataset as torch tensors.
+
+    Args:
+        name: a name from `available_datasets` (``digits``, ``mnist5k``, ``mnist``, ``fashion-mnist``,
+            ``cifar10``).
+        data_dir: directory holding file-based datasets; default `default_data_dir`
+            (``$QMARGIN_DATA`` or ``~/.cache/qmargin/data``). Ignored by ``digits`` and ``mnist5k``.
+        download: fetch missing official files first (checksum-verified, see `qmargin.data.download`).
+        base_url: mirror directory URL to download from instead of the official ones (also
+            ``$QMARGIN_DATA_URL``).
+        normalize: apply ``(x - mean) / std`` per channel (``info.normalization``); when false, pixels
+            stay in ``[0, 1]``.
+
+    Returns:
+        `Dataset` with x float32 ``N x C x H x W`` and y int64 ``N``.
+
+    Raises:
+        DataError: unknown name, missing/corrupt files, failed download or checksum.
+    """
+    info, loader = _lookup(name)
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if download:
+        from qmargin.data.download import DOWNLOADS, download_dataset
+
+        if name in DOWNLOADS:
+            download_dataset(name, root, base_url=base_url)
+    raw = loader(root)
+    _check_part(info, "train", raw.x_train, raw.y_train)
+    _check_part(info, "test", raw.x_test, raw.y_test)
+    x_train, y_train = _to_tensors(info, raw.x_train, raw.y_train, normalize)
+    x_test, y_test = _to_tensors(info, raw.x_test, raw.y_test, normalize)
+    return Dataset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, info=info)

@@ -1,0 +1,186 @@
+"""The MonDEQ layer: equilibrium forward by operator splitting, gradients by implicit differentiation.
+
+Forward: ``z* = relu(W z* + v)``, ``v = U x + b``, solved by FB/PR/DR (:mod:`qmargin.deq.solvers`)
+without tracking the iterations.
+
+Backward (design.md §5): with ``D = diag(relu'(W z* + v))`` and the incoming gradient ``g = dL/dz*``,
+differentiating the fixed point gives ``(I - D W) dz = D (dW z* + dv)``, hence
+
+    u = D (W^T u + g)            (the adjoint system, solved with the same splitting and step a)
+    dL/dv = u,   dL/dW = vjp of (W -> W z*) at u   (= sum_i u_i z*_i^T for a dense W).
+
+``I - W^T`` has the margin and norm of ``I - W``, so the adjoint solve converges whenever the forward
+one does. Gradients reach ``A, B, m`` through the (fake-quantized, straight-through) assembled ``W``
+and ``U, b, x`` through ``v``, by ordinary autograd outside the custom function.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from qmargin.deq.monotone import MonotoneParameterization
+from qmargin.deq.operators import ConvOperator, DenseOperator
+from qmargin.deq.solvers import ConvergenceError, SolverStats, _check_args, solve, solve_adjoint
+
+__all__ = ["MonDEQLayer", "implicit_equilibrium"]
+
+_FAILURE_MODES = ("record", "raise")
+
+
+@dataclass
+class _SolveConfig:
+    method: str
+    alpha: float | None
+    tol: float
+    max_iter: int
+    check_every: int
+    backward_tol: float
+    backward_max_iter: int
+
+
+class _Recorder:
+    """Receives the stats of forward and backward solves (holds its layer weakly)."""
+
+    def __init__(self, layer: MonDEQLayer | None = None) -> None:
+        self._layer = weakref.ref(layer) if layer is not None else None
+        self.forward: SolverStats | None = None
+        self.backward: SolverStats | None = None
+
+    def record(self, kind: str, stats: SolverStats) -> None:
+        setattr(self, kind, stats)
+        layer = self._layer() if self._layer is not None else None
+        if layer is not None:
+            layer._record(kind, stats)
+
+
+class _ImplicitEquilibrium(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, weight: Tensor, op: Any, cfg: _SolveConfig, rec: _Recorder):  # type: ignore[override]
+        op = op.with_weight(weight.detach())
+        z, stats = solve(op, v, cfg.method, cfg.alpha, cfg.tol, cfg.max_iter, cfg.check_every)
+        rec.record("forward", stats)
+        ctx.op, ctx.cfg, ctx.rec, ctx.alpha = op, cfg, rec, stats.alpha
+        ctx.save_for_backward(z, v, weight)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        z, v, weight = ctx.saved_tensors
+        op, cfg = ctx.op, ctx.cfg
+        active = (op.matvec(z) + v) > 0
+        u, stats = solve_adjoint(
+            op, g, active, cfg.method, ctx.alpha, cfg.backward_tol, cfg.backward_max_iter, cfg.check_every
+        )
+        ctx.rec.record("backward", stats)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            with torch.enable_grad():
+                w = weight.detach().requires_grad_(True)
+                (grad_w,) = torch.autograd.grad(op.with_weight(w).matvec(z), w, u)
+        grad_v = u if ctx.needs_input_grad[0] else None
+        return grad_v, grad_w, None, None, None
+
+
+def implicit_equilibrium(
+    op: DenseOperator | ConvOperator,
+    v: Tensor,
+    method: str = "pr",
+    alpha: float | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 300,
+    check_every: int = 5,
+    backward_tol: float | None = None,
+    backward_max_iter: int | None = None,
+) -> tuple[Tensor, _Recorder]:
+    """Functional form: ``z* = relu(W z* + v)`` differentiable in ``op.weight`` and ``v`` (implicit backward).
+
+    Returns ``(z*, recorder)``; ``recorder.forward`` / ``recorder.backward`` hold the solves' stats.
+    """
+    cfg = _SolveConfig(method, alpha, tol, max_iter, check_every,
+                       tol if backward_tol is None else backward_tol,
+                       max_iter if backward_max_iter is None else backward_max_iter)
+    rec = _Recorder()
+    return _ImplicitEquilibrium.apply(v, op.weight, op, cfg, rec), rec
+
+
+class MonDEQLayer(nn.Module):
+    """``x -> z* = relu(W z* + U x + b)`` for a monotone parameterization ``core``.
+
+    Args:
+        core: a :class:`~qmargin.deq.monotone.MonotoneParameterization` (FC, conv, multi-tier conv).
+        solver: ``"pr"`` (default), ``"dr"`` or ``"fb"``.
+        alpha: step size; ``None``: from the exact ``(mu, L)`` of the ``W`` in use, every forward.
+        tol, max_iter, check_every: see :func:`qmargin.deq.solvers.solve`.
+        backward_tol, backward_max_iter: for the adjoint solve (default: as forward).
+        on_failure: ``"record"`` (default): a non-converged solve is only recorded in the stats;
+            ``"raise"``: raise :class:`~qmargin.deq.solvers.ConvergenceError`.
+
+    After a forward pass ``last_forward_stats`` holds the solve's :class:`SolverStats` (with the
+    per-sample ``sample_converged``); after ``backward()`` ``last_backward_stats`` the adjoint solve's.
+    ``forward`` returns ``core.to_output(z*)`` (FC: ``(N, n)``; conv: ``(N, C, H, W)``; multi-tier: the
+    tuple of tiers); :meth:`equilibrium` the plain state.
+    """
+
+    def __init__(
+        self,
+        core: MonotoneParameterization,
+        solver: str = "pr",
+        alpha: float | None = None,
+        tol: float = 1e-4,
+        max_iter: int = 300,
+        check_every: int = 5,
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        on_failure: str = "record",
+    ) -> None:
+        super().__init__()
+        solver = _check_args(solver, tol, max_iter, check_every, alpha)
+        if on_failure not in _FAILURE_MODES:
+            raise ValueError(f"on_failure must be one of {_FAILURE_MODES}, got {on_failure!r}")
+        self.core = core
+        self.solver, self.alpha, self.tol = solver, alpha, tol
+        self.max_iter, self.check_every = max_iter, check_every
+        self.backward_tol = tol if backward_tol is None else backward_tol
+        self.backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
+        self.on_failure = on_failure
+        self.last_forward_stats: SolverStats | None = None
+        self.last_backward_stats: SolverStats | None = None
+
+    def _config(self) -> _SolveConfig:
+        return _SolveConfig(self.solver, self.alpha, self.tol, self.max_iter, self.check_every,
+                            self.backward_tol, self.backward_max_iter)
+
+    def _record(self, kind: str, stats: SolverStats) -> None:
+        setattr(self, f"last_{kind}_stats", stats)
+        if self.on_failure == "raise" and not stats.converged:
+            raise ConvergenceError(
+                f"MonDEQ {kind} solve ({stats.method}, a={stats.alpha:.3g}) did not converge: residual "
+                f"{stats.residual:.3g} > tol {stats.tol:g} after {stats.iterations} iterations"
+            )
+
+    def equilibrium(self, x: Tensor) -> Tensor:
+        """``z*`` in the state's shape ``(N, *core.state_shape)`` (differentiable, implicit backward)."""
+        core = self.core
+        v = core.injection(x)
+        weight = core.tensor("W")
+        op = core.build_operator(weight)
+        cfg = self._config()
+        if torch.is_grad_enabled() and (v.requires_grad or weight.requires_grad):
+            return _ImplicitEquilibrium.apply(v, weight, op, cfg, _Recorder(self))
+        z, stats = solve(op, v, cfg.method, cfg.alpha, cfg.tol, cfg.max_iter, cfg.check_every)
+        self._record("forward", stats)
+        return z
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return self.core.to_output(self.equilibrium(x))
+
+    def extra_repr(self) -> str:
+        a = "auto" if self.alpha is None else f"{self.alpha:g}"
+        return f"solver={self.solver}, alpha={a}, tol={self.tol:g}, max_iter={self.max_iter}"

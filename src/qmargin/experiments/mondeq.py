@@ -1,0 +1,393 @@
+"""``qmargin reproduce mondeq``: quantization robustness of a fully connected MonDEQ on mnist5k.
+
+1. Train the float FC MonDEQ (n = 100, r = 25, learnable m starting at 0.2, PR solver).
+2. PTQ sweep at 3..12 bits, per-tensor and per-row (per-channel) scales, W, U, b and the head
+   quantized: ``||dW||_2``, ``mu(W)``, exact ``mu(W~)``, certified, monotone, FB and PR iterations on
+   the test set, converged, accuracy.
+3. Displacement validation at 6, 8, 12 bits: the share of test samples on which each bound form of
+   ``||z* - z~*||`` holds (full, norm form, the paper's dW-only form), solved in float64 at tight
+   tolerance, the solver error accounted for by :func:`qmargin.deq.residual_error_bound`.
+4. QAT at 4 and 3 bits: plain QAT (per-tensor, m0 = 0.2), QAT with per-row scales, and the certified
+   (margin-aware) QAT of :mod:`qmargin.deq.qat` (per-row, m0 = 1, penalty on ``||dW||_2 - mu``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qmargin.errors import ConfigError
+
+__all__ = ["MonDEQPreset", "PRESETS", "run_mondeq_reproduction", "ptq_certificates", "mondeq_markdown"]
+
+
+@dataclass(frozen=True)
+class MonDEQPreset:
+    epochs: int
+    qat_epochs: int
+    seeds: tuple[int, ...]
+    ptq_bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 10, 12)
+    displacement_bits: tuple[int, ...] = (6, 8, 12)
+    qat_bits: tuple[int, ...] = (4, 3)
+
+
+PRESETS = {
+    "fast": MonDEQPreset(epochs=15, qat_epochs=15, seeds=(0,)),
+    "full": MonDEQPreset(epochs=30, qat_epochs=30, seeds=(0, 1, 2)),
+}
+
+BASE_KWARGS = {"n": 100, "r": 25, "m": 0.2, "learn_m": True, "solver": "pr"}
+
+
+def _quantized_copy(float_model: torch.nn.Module, spec, input_shape, num_classes, kwargs) -> torch.nn.Module:
+    from qmargin.models.mondeq import build_mondeq
+
+    q = build_mondeq(input_shape=input_shape, num_classes=num_classes, spec=spec, **kwargs)
+    q.load_state_dict(float_model.state_dict())
+    q.eval()
+    return q
+
+
+def _tensors(core) -> dict[str, torch.Tensor]:
+    """Float and quantized W, U, b of a parameterization (quantized = what the stored codes hold)."""
+    out = {}
+    for name in ("W", "U", "b"):
+        out[name] = core.float_tensor(name).detach().double()
+        out[name + "_q"] = (
+            core.quantized_tensor(name) if name in core.quant_specs else core.float_tensor(name)
+        )
+        out[name + "_q"] = out[name + "_q"].detach().double()
+    return out
+
+
+def ptq_certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Certificate, solver behaviour and accuracy of a quantized MonDEQ classifier on ``(x, y)``."""
+    from qmargin.deq import certify, solve
+
+    core = model.core
+    t = _tensors(core)
+    cert = certify(t["W"], t["W_q"], U=t["U"], U_q=t["U_q"], b=t["b"], b_q=t["b_q"]).to_dict()
+    with torch.no_grad():
+        v = core.injection(x)
+        op = core.operator(quantized=True)
+        _, fb = solve(op, v, "fb", tol=1e-4, max_iter=3000)
+        _, pr = solve(op, v, "pr", tol=1e-4, max_iter=500)
+        logits = model(x)
+        ok = (logits.argmax(1) == y) & model.converged
+    cert.update(
+        fb_iterations=fb.iterations,
+        fb_converged=bool(fb.converged),
+        pr_iterations=pr.iterations,
+        pr_converged=bool(pr.converged),
+        accuracy=float(ok.double().mean()),
+        nonconverged_samples=int((~model.converged).sum()),
+    )
+    return cert
+
+
+def _displacement(q_model, x: torch.Tensor) -> dict[str, Any]:
+    """Share of samples where each displacement bound holds (float64, tolerance accounted for)."""
+    from qmargin.deq import (
+        displacement_bound,
+        monotonicity_margin,
+        residual_error_bound,
+        solve,
+        spectral_norm,
+    )
+
+    t = _tensors(q_model.core)
+    xx = x.double().flatten(1)
+    with torch.no_grad():
+        from qmargin.deq.operators import DenseOperator
+
+        v_f = xx @ t["U"].T + t["b"]
+        v_q = xx @ t["U_q"].T + t["b_q"]
+        z_f, st_f = solve(DenseOperator(t["W"]), v_f, "pr", tol=1e-12, max_iter=20000)
+        z_q, st_q = solve(DenseOperator(t["W_q"]), v_q, "pr", tol=1e-12, max_iter=20000)
+    bound = displacement_bound(t["W"], t["W_q"], t["U"], t["U_q"], t["b"], t["b_q"], xx, z_q)
+    # The solves are approximate: ||z_f - z*|| <= eps_f and ||z_q - z~*|| <= eps_q (a-posteriori bounds),
+    # and the full bound evaluated at z_q moves by at most ||dW||_2 eps_q / mu(W). A sample passes if
+    # ||z_f - z_q|| <= bound(z_q) + eps_f + eps_q (1 + ||dW||_2 / mu(W)).
+    eps_f = residual_error_bound(t["W"], t["U"], t["b"], xx, z_f)
+    rigorous = float(monotonicity_margin(t["W_q"])) > 0
+    eps_q = (
+        residual_error_bound(t["W_q"], t["U_q"], t["b_q"], xx, z_q) if rigorous else torch.zeros_like(eps_f)
+    )
+    dw = float(spectral_norm(t["W_q"] - t["W"]))
+    slack = eps_f + eps_q * (1 + dw / bound.margin)
+    dist = torch.linalg.vector_norm(z_f - z_q, dim=1)
+    out: dict[str, Any] = {
+        "solver_converged": bool(st_f.converged and st_q.converged),
+        "max_solver_allowance": float(slack.max()),
+        "allowance_rigorous": rigorous,
+        "mean_distance": float(dist.mean()),
+    }
+    for form in ("full", "norm_form", "paper"):
+        b = getattr(bound, form)
+        out[f"share_{form}"] = float((dist <= b + slack).double().mean())
+        out[f"mean_{form}"] = float(b.mean())
+        out[f"ratio_{form}"] = float((dist / b.clamp_min(1e-300)).max())
+    out["distances"] = dist.tolist()
+    out["bound_full"] = bound.full.tolist()
+    out["bound_paper"] = bound.paper.tolist()
+    return out
+
+
+def run_mondeq_reproduction(
+    *,
+    preset: str = "fast",
+    out_dir: str | Path = "runs/reproduce-mondeq",
+    results_dir: str | Path | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+    preset_override: MonDEQPreset | None = None,
+    dataset: str = "mnist5k",
+) -> dict[str, Any]:
+    """Run the MonDEQ experiment; returns ``{"summary": ..., "markdown": ...}`` (resumable runs)."""
+    if preset_override is None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = preset_override or PRESETS[preset]
+    from qmargin.data import load_dataset
+    from qmargin.quant import QuantSpec
+    from qmargin.training import TrainConfig, train
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(dataset)
+    shape, ncls = data.info.input_shape, data.info.num_classes
+    x, y = data.x_test, data.y_test
+    summary: dict[str, Any] = {
+        "preset": preset,
+        "dataset": dataset,
+        "model": BASE_KWARGS,
+        "float": [],
+        "ptq": [],
+        "displacement": [],
+        "qat": [],
+    }
+    floats = {}
+    for seed in p.seeds:
+        cfg = TrainConfig(
+            dataset=dataset,
+            model="mondeq",
+            bits=32,
+            epochs=p.epochs,
+            seed=seed,
+            device="cpu",
+            model_kwargs=dict(BASE_KWARGS),
+        )
+        res = train(cfg, dataset=data, out_dir=out / f"float-s{seed}")
+        fm = res.model.eval()
+        floats[seed] = fm
+        mu, L = (float(v) for v in fm.core.margin_and_norm(quantized=False))
+        summary["float"].append(
+            {
+                "seed": seed,
+                "accuracy": res.test_acc,
+                "m": float(fm.core.m),
+                "mu": mu,
+                "L": L,
+                "train_time_s": res.train_time_s,
+            }
+        )
+        log(f"float MonDEQ seed {seed}: accuracy {res.test_acc:.4f}, m {float(fm.core.m):.3f}, mu {mu:.3f}")
+    fm = floats[p.seeds[0]]
+    kwargs = dict(BASE_KWARGS)
+    for pc in (False, True):
+        for bits in p.ptq_bits:
+            q = _quantized_copy(fm, QuantSpec(bits, per_channel=pc), shape, ncls, kwargs)
+            row = {"bits": bits, "per_channel": pc, **ptq_certificates(q, x, y)}
+            summary["ptq"].append(row)
+            log(
+                f"PTQ {bits:>2}-bit {'per-row' if pc else 'per-tensor'}: |dW| {row['delta_w_norm']:.3f} "
+                f"mu {row['margin']:.3f} mu~ {row['margin_quantized']:.3f} certified {row['certified']} "
+                f"acc {row['accuracy']:.4f}"
+            )
+    for bits in p.displacement_bits:
+        q = _quantized_copy(fm, QuantSpec(bits), shape, ncls, kwargs)
+        d = _displacement(q, x)
+        summary["displacement"].append({"bits": bits, **d})
+        log(
+            f"displacement {bits}-bit: full {d['share_full']:.3f} norm {d['share_norm_form']:.3f} "
+            f"paper {d['share_paper']:.3f}"
+        )
+    recipes = [
+        ("QAT", False, {**BASE_KWARGS}),
+        ("QAT per-row", True, {**BASE_KWARGS}),
+        ("certified QAT", True, {k: v for k, v in BASE_KWARGS.items() if k != "m"} | {"certify": True}),
+    ]
+    for bits in p.qat_bits:
+        for name, pc, mk in recipes:
+            for seed in p.seeds:
+                cfg = TrainConfig(
+                    dataset=dataset,
+                    model="mondeq",
+                    bits=bits,
+                    per_channel=pc,
+                    epochs=p.qat_epochs,
+                    seed=seed,
+                    device="cpu",
+                    model_kwargs=mk,
+                )
+                res = train(
+                    cfg, dataset=data, out_dir=out / f"{name.replace(' ', '-').lower()}-{bits}bit-s{seed}"
+                )
+                qm = res.model.eval()
+                row = {
+                    "method": name,
+                    "bits": bits,
+                    "seed": seed,
+                    "per_channel": pc,
+                    "m": float(qm.core.m),
+                    "train_time_s": res.train_time_s,
+                    **ptq_certificates(qm, x, y),
+                }
+                summary["qat"].append(row)
+                log(
+                    f"{name} {bits}-bit seed {seed}: acc {row['accuracy']:.4f} certified {row['certified']} "
+                    f"|dW| {row['delta_w_norm']:.3f} mu {row['margin']:.3f} m {row['m']:.3f}"
+                )
+    md = mondeq_markdown(summary)
+    _plots(summary, out)
+    _atomic(out / "summary.json", json.dumps(summary, indent=2))
+    _atomic(out / "summary.md", md)
+    if results_dir is not None:
+        rd = Path(results_dir)
+        rd.mkdir(parents=True, exist_ok=True)
+        slim = {k: v for k, v in summary.items() if k != "displacement"}
+        slim["displacement"] = [
+            {k: v for k, v in d.items() if k not in ("distances", "bound_full", "bound_paper")}
+            for d in summary["displacement"]
+        ]
+        _atomic(rd / f"mondeq_{preset}.md", md)
+        _atomic(rd / f"mondeq_{preset}.json", json.dumps(slim, indent=2))
+        for name in ("mondeq_margin_vs_bits.png", "mondeq_displacement.png"):
+            (rd / name.replace("mondeq_", f"mondeq_{preset}_")).write_bytes((out / name).read_bytes())
+    return {"summary": summary, "markdown": md}
+
+
+def _yn(v: bool | None) -> str:
+    return "yes" if v else "no"
+
+
+def mondeq_markdown(s: dict[str, Any]) -> str:
+    lines = ["### Float model", "", "| seed | accuracy (%) | m | mu(W) | L(W) |", "|---|---|---|---|---|"]
+    for f in s["float"]:
+        lines.append(
+            f"| {f['seed']} | {100 * f['accuracy']:.1f} | {f['m']:.3f} | {f['mu']:.3f} | {f['L']:.3f} |"
+        )
+    lines += [
+        "",
+        "### Post-training quantization (W, U, b and head at the same bits)",
+        "",
+        "| scales | bits | ‖dW‖₂ | μ(W) | exact μ(W~) | certified | certified (sym) | monotone | FB iters "
+        "| PR iters | PR converged | accuracy (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s["ptq"]:
+        lines.append(
+            f"| {'per-row' if r['per_channel'] else 'per-tensor'} | {r['bits']} | {r['delta_w_norm']:.4f} | "
+            f"{r['margin']:.4f} | {r['margin_quantized']:.4f} | {_yn(r['certified'])} | "
+            f"{_yn(r['certified_sym'])} | "
+            f"{_yn(r['monotone'])} | {r['fb_iterations']}{'' if r['fb_converged'] else ' (no)'} | "
+            f"{r['pr_iterations']}{'' if r['pr_converged'] else ' (no)'} | {_yn(r['pr_converged'])} | "
+            f"{100 * r['accuracy']:.1f} |"
+        )
+    lines += [
+        "",
+        "### Displacement bounds (per-tensor PTQ; share of the test samples where the bound holds)",
+        "",
+        "| bits | full ‖dW z~ + dU x + db‖/μ | norm form | paper (dW only) | mean ‖z*−z~*‖ | mean full bound "
+        "| mean paper bound | max dist/paper bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in s["displacement"]:
+        lines.append(
+            f"| {d['bits']} | {100 * d['share_full']:.1f}% | {100 * d['share_norm_form']:.1f}% | "
+            f"{100 * d['share_paper']:.1f}% | {d['mean_distance']:.4g} | {d['mean_full']:.4g} | "
+            f"{d['mean_paper']:.4g} | {d['ratio_paper']:.2f} |"
+        )
+    lines += [
+        "",
+        "### Quantization-aware training",
+        "",
+        "| method | bits | seed | scales | m | ‖dW‖₂ | μ(W) | exact μ(W~) | certified | PR converged "
+        "| accuracy (%) "
+        "| train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s["qat"]:
+        lines.append(
+            f"| {r['method']} | {r['bits']} | {r['seed']} | "
+            f"{'per-row' if r['per_channel'] else 'per-tensor'} | "
+            f"{r['m']:.3f} | {r['delta_w_norm']:.4f} | {r['margin']:.4f} | {r['margin_quantized']:.4f} | "
+            f"{_yn(r['certified'])} | {_yn(r['pr_converged'])} | {100 * r['accuracy']:.1f} | "
+            f"{r['train_time_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(s: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for pc, style in ((False, "o-"), (True, "s--")):
+        rows = [r for r in s["ptq"] if r["per_channel"] == pc]
+        label = "per-row" if pc else "per-tensor"
+        ax.semilogy(
+            [r["bits"] for r in rows], [r["delta_w_norm"] for r in rows], style, label=f"‖dW‖₂ {label}"
+        )
+        ax.plot(
+            [r["bits"] for r in rows],
+            [max(r["margin_quantized"], 1e-6) for r in rows],
+            style,
+            alpha=0.5,
+            label=f"exact μ(W~) {label} (if > 0)",
+        )
+    mu = s["ptq"][0]["margin"]
+    ax.axhline(mu, color="k", lw=1, label=f"μ(W) = {mu:.3f}")
+    ax.set_xlabel("bits")
+    ax.set_ylabel("spectral quantity")
+    ax.set_title("certificate: ‖dW‖₂ < μ(W)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _savefig(fig, out / "mondeq_margin_vs_bits.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for d in s["displacement"]:
+        ax.loglog(d["bound_full"], d["distances"], ".", ms=3, label=f"{d['bits']}-bit full bound")
+        ax.loglog(
+            d["bound_paper"], d["distances"], "x", ms=3, alpha=0.5, label=f"{d['bits']}-bit paper bound"
+        )
+    lo = min(min(d["distances"]) for d in s["displacement"])
+    hi = max(max(d["bound_full"]) for d in s["displacement"])
+    ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="distance = bound")
+    ax.set_xlabel("bound on ‖z* − z~*‖")
+    ax.set_ylabel("measured ‖z* − z~*‖")
+    ax.set_title("displacement: points above the line violate the bound")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _savefig(fig, out / "mondeq_displacement.png")
+    plt.close(fig)
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

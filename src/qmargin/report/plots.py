@@ -1,0 +1,119 @@
+"""Plot of accuracy versus bit error rate (design.md §4).
+
+Layout: a wide main panel with a logarithmic BER axis (``p > 0``) and, to its left, a narrow panel
+``clean`` sharing the accuracy axis. The clean accuracy (no injection) of every model is a marker on
+the clean panel; a ``p = 0`` grid point, which a log axis cannot show, is drawn there too (hollow
+marker, min-max error bar) unless all its patterns equal the clean accuracy, as they do for pure
+random bit errors. On the main panel each model is a line through the per-BER mean accuracies
+``a_bar_p`` with a shaded band: ``[min_r a_{p,r}, max_r a_{p,r}]`` (``band="minmax"``, default) or
+``a_bar_p ± std`` clipped to ``[0, 1]`` (``band="std"``).
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change) and writes
+the PNG atomically (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from qmargin.errors import ConfigError
+from qmargin.report.tables import Result, Results, as_labelled
+
+__all__ = ["plot_accuracy_vs_ber"]
+
+
+def _series(res: Result) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+    """BER, mean, std, min, max over the completed positive-BER grid points, sorted by BER."""
+    rows = sorted(
+        (e for e in res["results"] if e.get("accuracies") and float(e["ber"]) > 0),
+        key=lambda e: float(e["ber"]),
+    )
+    return (
+        [float(e["ber"]) for e in rows],
+        [float(e["mean"]) for e in rows],
+        [float(e["std"]) for e in rows],
+        [float(e["min"]) for e in rows],
+        [float(e["max"]) for e in rows],
+    )
+
+
+def plot_accuracy_vs_ber(
+    results: Results | Sequence[tuple[str, Result]],
+    path: str | Path,
+    title: str | None = None,
+    *,
+    band: str = "minmax",
+    percent: bool = True,
+    dpi: int = 150,
+) -> Path:
+    """Accuracy vs BER of one or several campaign results, saved as a PNG at ``path``; returns it."""
+    if band not in ("minmax", "std"):
+        raise ConfigError(f"band must be 'minmax' or 'std', got {band!r}")
+    items = as_labelled(results)
+    k = 100.0 if percent else 1.0
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax0, ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 7]})
+    cycle = [f"C{i}" for i in range(10)]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    any_positive = False
+    for i, (label, res) in enumerate(items):
+        color = cycle[i % len(cycle)]
+        marker = markers[i % len(markers)]
+        name = label or "mean accuracy"
+        offset = (i - (len(items) - 1) / 2) * min(0.15, 0.7 / len(items))
+        ax0.plot([offset], [k * float(res["clean_accuracy"])], marker=marker, color=color, ls="none", ms=7)
+        zero = next((e for e in res["results"] if float(e["ber"]) == 0 and e.get("accuracies")), None)
+        if zero is not None and not (zero["min"] == zero["max"] == res["clean_accuracy"]):
+            m = float(zero["mean"])
+            ax0.errorbar(
+                [offset],
+                [k * m],
+                yerr=[[k * max(0.0, m - float(zero["min"]))], [k * max(0.0, float(zero["max"]) - m)]],
+                color=color,
+                marker=marker,
+                mfc="none",
+                ls="none",
+                capsize=3,
+            )
+        bers, mean, std, lo, hi = _series(res)
+        if not bers:
+            continue
+        any_positive = True
+        if band == "std":
+            lo = [max(0.0, m - s) for m, s in zip(mean, std, strict=True)]
+            hi = [min(1.0, m + s) for m, s in zip(mean, std, strict=True)]
+        ax.fill_between(bers, [k * v for v in lo], [k * v for v in hi], color=color, alpha=0.18, lw=0)
+        ax.plot(bers, [k * v for v in mean], marker=marker, color=color, label=name, ms=5, lw=1.6)
+    ax0.set_xlim(-0.5, 0.5)
+    ax0.set_xticks([0.0], ["clean\n(p = 0)"])
+    ax0.set_ylabel("accuracy (%)" if percent else "accuracy")
+    ax0.set_ylim(-0.02 * k, 1.02 * k)
+    ax0.grid(True, axis="y", alpha=0.3)
+    if any_positive:
+        ax.set_xscale("log")
+    ax.set_xlabel("bit error rate p (log scale)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+    band_txt = "min-max over patterns" if band == "minmax" else "mean ± std over patterns"
+    if any_positive:
+        ax.legend(
+            loc="lower left",
+            fontsize=9,
+            frameon=True,
+            title=f"line: mean; band: {band_txt}",
+            title_fontsize=8,
+        )
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.replace(tmp, path)
+    return path
