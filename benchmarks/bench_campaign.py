@@ -17,8 +17,8 @@ import argparse
 import platform
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,9 +60,10 @@ def _cnn(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return SmallCNN(), torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,))
 
 
-def _timed(fn: Callable[[], dict]) -> tuple[float, dict]:
+def _timed(*args: Any, **kwargs: Any) -> tuple[float, dict]:
+    """Wall time and result of ``run_ber_campaign(*args, **kwargs)``."""
     t = time.perf_counter()
-    out = fn()
+    out = run_ber_campaign(*args, **kwargs)
     return time.perf_counter() - t, out
 
 
@@ -89,8 +90,11 @@ def main() -> None:
         f"min over {reps} repetitions"
     )
     print()
-    print("| model | loop s/pattern | " + " | ".join(f"K={k} s/pattern (speed-up)" for k in per_pass[1:])
-          + " | loop + partial JSON per pattern | identical |")
+    print(
+        "| model | loop s/pattern | "
+        + " | ".join(f"K={k} s/pattern (speed-up)" for k in per_pass[1:])
+        + " | loop + partial JSON per pattern | identical |"
+    )
     print("|---|---:|" + "---:|" * (len(per_pass) - 1) + "---:|---|")
     for name, make in cases.items():
         torch.manual_seed(0)
@@ -104,16 +108,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(reps):
                 for k in per_pass:
-                    dt, res = _timed(lambda k=k: run_ber_campaign(model, x, y, patterns_per_pass=k, **kw))
+                    dt, res = _timed(model, x, y, patterns_per_pass=k, **kw)
                     best[f"K{k}"] = min(best.get(f"K{k}", float("inf")), dt)
                     results[f"K{k}"] = res
                 out = Path(tmp) / f"c{rep}.json"
-                dt, _ = _timed(lambda out=out: run_ber_campaign(model, x, y, out_path=out, **kw))
+                dt, _ = _timed(model, x, y, out_path=out, **kw)
                 best["json"] = min(best.get("json", float("inf")), dt)
         same = all(results[f"K{k}"]["results"] == results["K1"]["results"] for k in per_pass)
         loop = best["K1"] / args.repeats
-        cells = [f"{best[f'K{k}'] / args.repeats:.4f} ({best['K1'] / best[f'K{k}']:.2f}x)" for k in per_pass[1:]]
-        print(f"| {name} | {loop:.4f} | " + " | ".join(cells) + f" | {best['json'] / args.repeats:.4f} | {same} |")
+        cells = [
+            f"{best[f'K{k}'] / args.repeats:.4f} ({best['K1'] / best[f'K{k}']:.2f}x)" for k in per_pass[1:]
+        ]
+        print(
+            f"| {name} | {loop:.4f} | "
+            + " | ".join(cells)
+            + f" | {best['json'] / args.repeats:.4f} | {same} |"
+        )
 
 
 if __name__ == "__main__":

@@ -222,15 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--dense-max", type=int, default=2048, help="largest n certified densely")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads (1 gives stable timings on a shared machine: batched LAPACK calls on small "
+        "blocks thrash when threads compete)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     p.add_argument("--write", action="store_true", help="update the section in BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     conv, multi = (CONV[:1], MULTI[:1]) if args.quick else (CONV, MULTI)
-    rows = [row("conv", s, args.bits, args.dense_max, args.repeat) for s in conv]
-    rows += [row("multi", s, args.bits, args.dense_max, args.repeat) for s in multi]
+    rows = []
+    for kind, sizes in (("conv", conv), ("multi", multi)):
+        for s in sizes:
+            rows.append(row(kind, s, args.bits, args.dense_max, args.repeat))
+            sys.stderr.write(f"done: {rows[-1]['name']} (n = {rows[-1]['n']})\n")
     info = {
         "bits": args.bits,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

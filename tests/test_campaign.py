@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,68 +17,11 @@ from qmargin.experiments import campaign_csv_path, load_campaign, run_ber_campai
 from qmargin.quant import QuantSpec, quantize_model, quantized_modules
 
 
-# ------------------------------------------------------------------------------------------------
-# qmargin.faults, or a minimal stand-in while it does not exist yet
-# ------------------------------------------------------------------------------------------------
-def _standin_faults() -> types.ModuleType:
-    """Bernoulli(p) flips of the b-bit two's-complement words of every weight, seeded per layer."""
+@pytest.fixture()
+def faults_module():
+    import qmargin.faults
 
-    @dataclasses.dataclass(frozen=True)
-    class BitErrorModel:
-        ber: float = 0.0
-        tensors: tuple[str, ...] = ("weight",)
-
-        def to_dict(self) -> dict:
-            return dataclasses.asdict(self)
-
-    @contextlib.contextmanager
-    def inject(model, error_model, seed):
-        saved = []
-        report = {}
-        for name, m in quantized_modules(model):
-            for tname in error_model.tensors:
-                if tname not in m.quant_specs:
-                    continue
-                st = m.stored(tname)
-                b = st.spec.bits
-                g = torch.Generator().manual_seed(hash((seed, name, tname)) % 2**62)
-                bits = torch.rand((*st.codes.shape, b), generator=g) < error_model.ber
-                mask = (bits.to(torch.int32) << torch.arange(b)).sum(-1)
-                word = (st.codes.to(torch.int32) & (2**b - 1)) ^ mask
-                if st.spec.symmetric:
-                    word = torch.where(word >= 2 ** (b - 1), word - 2**b, word)
-                saved.append((st.codes, st.codes.clone()))
-                st.codes.copy_(word.to(st.codes.dtype))
-                report[f"{name}.{tname}"] = int(bits.sum())
-        try:
-            yield report
-        finally:
-            for live, orig in saved:
-                live.copy_(orig)
-
-    mod = types.ModuleType("qmargin.faults")
-    mod.BitErrorModel = BitErrorModel
-    mod.inject = inject
-    return mod
-
-
-try:
-    from qmargin.faults import BitErrorModel, inject  # noqa: F401
-
-    HAVE_FAULTS = True
-except ImportError:
-    HAVE_FAULTS = False
-
-
-@pytest.fixture(autouse=True)
-def faults_module(monkeypatch):
-    """The real ``qmargin.faults`` when it exists, otherwise the stand-in above."""
-    if HAVE_FAULTS:
-        import qmargin.faults as mod
-    else:
-        mod = _standin_faults()
-        monkeypatch.setitem(sys.modules, "qmargin.faults", mod)
-    return mod
+    return qmargin.faults
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,3 +351,19 @@ def test_load_campaign_errors(tmp_path: Path):
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(CheckpointError, match="not a campaign result"):
         load_campaign(tmp_path / "other.json")
+
+
+def test_error_model_template(model_a, digits, faults_module):
+    _, _, xte, yte = digits
+    em = faults_module.BitErrorModel(layers=("2",), protected_bits=(-1,))
+    kw = dict(bers=[0.05], repeats=3, base_seed=0)
+    last = run_ber_campaign(model_a, xte, yte, error_model=em, **kw)
+    full = run_ber_campaign(model_a, xte, yte, **kw)
+    assert last["error_model"] == {**em.to_dict(), "ber": None}
+    assert full["error_model"]["layers"] == ["*"] and full["error_model"]["protected_bits"] == []
+    # fewer exposed bits (one layer, no sign bit): the damage is smaller on average
+    assert last["results"][0]["mean"] > full["results"][0]["mean"]
+    with pytest.raises(ConfigError, match="selects no stored tensor"):
+        run_ber_campaign(model_a, xte, yte, error_model=faults_module.BitErrorModel(layers=("nope",)), **kw)
+    with pytest.raises(ConfigError, match="p01"):
+        run_ber_campaign(model_a, xte, yte, error_model=faults_module.BitErrorModel(p01=0.1, p10=0.01), **kw)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import qmargin.training.randbet as randbet_mod
 from qmargin.errors import CheckpointError, ConfigError
-from qmargin.faults.functional import derive_seed, flip_random_bits
 from qmargin.models import build_model
 from qmargin.models import registry as model_registry
 from qmargin.quant import (
@@ -39,6 +36,7 @@ from qmargin.training import (
     TrainConfig,
     clip_weights_,
     corrupted_weights,
+    fault_injector,
     load_run,
     objective,
     straight_through,
@@ -55,7 +53,7 @@ from qmargin.training.checkpoint import (
 TIME_KEYS = ("train_time_s", "epoch_time_s")
 
 
-# -- fixtures and stand-ins ---------------------------------------------------------------------
+# -- fixtures ------------------------------------------------------------------------------------
 
 
 def make_dataset(n_train: int = 96, n_test: int = 48, seed: int = 0) -> SimpleNamespace:
@@ -70,38 +68,9 @@ def make_dataset(n_train: int = 96, n_test: int = 48, seed: int = 0) -> SimpleNa
     )
 
 
-@contextmanager
-def standin_inject(model: nn.Module, seed: int, ber: float):
-    """Flip bits of every stored tensor with the faults functional core; restore on exit."""
-    saved = []
-    for name, m in quantized_modules(model):
-        for tname in m.quant_specs:
-            st = m.stored(tname)
-            saved.append((st.codes, st.codes.clone()))
-            new = flip_random_bits(st.codes, st.spec.bits, ber, seed=derive_seed(seed, name, tname))
-            st.codes.copy_(new)
-    try:
-        yield
-    finally:
-        for codes, old in saved:
-            codes.copy_(old)
-
-
 def injector_for(ber: float):
-    import qmargin.faults as faults
-
-    if hasattr(faults, "inject") and hasattr(faults, "BitErrorModel"):
-        return randbet_mod.fault_injector(ber)
-    return lambda model, seed: standin_inject(model, seed, ber)
-
-
-@pytest.fixture
-def faults_ready(monkeypatch):
-    """Let the trainer's RandBET use qmargin.faults.inject, or the stand-in until it exists."""
-    import qmargin.faults as faults
-
-    if not (hasattr(faults, "inject") and hasattr(faults, "BitErrorModel")):
-        monkeypatch.setattr(randbet_mod, "fault_injector", lambda ber: injector_for(ber))
+    """The trainer's default injector: qmargin.faults.inject with BitErrorModel(ber=ber)."""
+    return fault_injector(ber)
 
 
 def tiny_model(batchnorm: bool = True, bits: int = 4, w_max: float | None = None) -> nn.Module:
@@ -359,13 +328,13 @@ def test_float_model_run(tmp_path):
     assert same_state(model, result.model)
 
 
-def test_randbet_run_records_both_losses(tmp_path, faults_ready):
+def test_randbet_run_records_both_losses(tmp_path):
     result = train(base_config(epochs=1, train_ber=0.05), dataset=make_dataset(), out_dir=tmp_path / "rb")
     rec = result.history[0]
     assert "train_loss_err" in rec and rec["train_loss_err"] != rec["train_loss"]
 
 
-def test_randbet_training_changes_the_result(tmp_path, faults_ready):
+def test_randbet_training_changes_the_result(tmp_path):
     ds = make_dataset()
     plain = train(base_config(epochs=1), dataset=ds, out_dir=tmp_path / "plain")
     rb = train(base_config(epochs=1, train_ber=0.05), dataset=ds, out_dir=tmp_path / "rb")
@@ -379,7 +348,7 @@ class _StopError(Exception):
 
 
 @pytest.mark.parametrize("stop_at", ["mid_epoch_2", "end_of_epoch_2"])
-def test_resume_ends_with_exactly_the_same_weights(tmp_path, faults_ready, stop_at):
+def test_resume_ends_with_exactly_the_same_weights(tmp_path, stop_at):
     ds = make_dataset()
     cfg = base_config(
         epochs=3, train_ber=0.02, optimizer="sgd", momentum=0.9, schedule="cosine", w_max=0.5, lr=0.05,

@@ -19,6 +19,8 @@ consistent shapes raises :class:`qmargin.errors.CheckpointError` (one line). A t
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,15 @@ def read_state_dict(source: Source) -> dict[str, Tensor]:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refusals, truncated or foreign files
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = _one_line(e)
+            if "Weights only load failed" in reason:
+                reason = "it needs arbitrary Python objects to load, which qmargin refuses"
+            raise CheckpointError(f"cannot read {path} as a state dict of tensors: {reason}") from None
+        except Exception as e:  # truncated or foreign files
             raise CheckpointError(
                 f"cannot read {path} as a weights-only torch checkpoint: {type(e).__name__}: {_one_line(e)}"
             ) from None

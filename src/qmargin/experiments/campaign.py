@@ -159,11 +159,9 @@ def _data_fingerprint(x: Tensor, y: Tensor) -> str:
 
 def _with_ber(template: Any, ber: float) -> Any:
     """The template error model with its BER replaced."""
-    if dataclasses.is_dataclass(template):
-        return dataclasses.replace(template, ber=ber)
-    d = template.to_dict()
-    d["ber"] = ber
-    return type(template).from_dict(d)
+    if hasattr(template, "with_ber"):
+        return template.with_ber(ber)
+    return dataclasses.replace(template, ber=ber)
 
 
 def _check_inputs(
@@ -326,16 +324,21 @@ def run_ber_campaign(
     ``ber`` set to ``None``), ``config``, ``fingerprint`` (SHA-256 of model state and test data),
     ``evaluation``, ``qmargin_version``, ``status`` and ``timing``.
     """
-    from qmargin.faults import BitErrorModel, inject
+    from qmargin.faults import BitErrorModel, inject, select_tensors
 
     x = torch.as_tensor(x_test)
     y = torch.as_tensor(y_test).long()
     grid = _check_inputs(x, y, bers, repeats, base_seed, batch_size, patterns_per_pass)
     template = BitErrorModel(ber=0.0) if error_model is None else error_model
+    if getattr(template, "p01", None) is not None and getattr(template, "p10", None) is not None:
+        raise ConfigError(
+            "the error model template fixes both p01 and p10, so the BER grid would change nothing"
+        )
     dev = torch.device(device)
     qmods = list(quantized_modules(model))
     if not qmods:
         raise ConfigError("the model has no quantized layers: bit errors act on stored integer codes")
+    select_tensors(model, template)  # fail fast when the template selects no stored tensor
 
     was_training = model.training
     model.to(dev)

@@ -114,6 +114,7 @@ def demo_mondeq_certificates(
     *,
     seed: int,
     bits: Sequence[int],
+    epochs: int = 8,
     log: Callable[[str], None] = lambda msg: None,
 ) -> tuple[list[dict[str, Any]], str]:
     """Train a small float MonDEQ on the demo data and certify it at ``bits`` (per-row scales)."""
@@ -123,7 +124,7 @@ def demo_mondeq_certificates(
         dataset=data.info.name,
         model="mondeq",
         bits=32,
-        epochs=8,
+        epochs=epochs,
         seed=seed,
         device="cpu",
         model_kwargs={"n": 64, "r": 16, "m": 0.5},

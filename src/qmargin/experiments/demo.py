@@ -31,6 +31,7 @@ def run_demo(
     seed: int = 0,
     out_dir: str | Path | None = None,
     mondeq: bool = True,
+    mondeq_epochs: int = 8,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
     """Run the demo and return ``{"campaigns": [(label, result)], "train_time_s": {...},
@@ -69,7 +70,7 @@ def run_demo(
     if mondeq:
         from qmargin.experiments.certify import demo_mondeq_certificates
 
-        certs, title = demo_mondeq_certificates(data, out / "mondeq", seed=seed, bits=DEMO_BITS, log=log)
+        certs, title = demo_mondeq_certificates(data, out / "mondeq", seed=seed, bits=DEMO_BITS, epochs=mondeq_epochs, log=log)
         summary["certificates"] = certs
         summary["mondeq_title"] = title
     return summary

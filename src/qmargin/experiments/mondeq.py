@@ -34,6 +34,7 @@ class MonDEQPreset:
     ptq_bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 10, 12)
     displacement_bits: tuple[int, ...] = (6, 8, 12)
     qat_bits: tuple[int, ...] = (4, 3)
+    model_kwargs: dict[str, Any] | None = None  # default: BASE_KWARGS
 
 
 PRESETS = {
@@ -160,10 +161,11 @@ def run_mondeq_reproduction(
     data = load_dataset(dataset)
     shape, ncls = data.info.input_shape, data.info.num_classes
     x, y = data.x_test, data.y_test
+    base = dict(p.model_kwargs or BASE_KWARGS)
     summary: dict[str, Any] = {
         "preset": preset,
         "dataset": dataset,
-        "model": BASE_KWARGS,
+        "model": base,
         "float": [],
         "ptq": [],
         "displacement": [],
@@ -178,7 +180,7 @@ def run_mondeq_reproduction(
             epochs=p.epochs,
             seed=seed,
             device="cpu",
-            model_kwargs=dict(BASE_KWARGS),
+            model_kwargs=dict(base),
         )
         res = train(cfg, dataset=data, out_dir=out / f"float-s{seed}")
         fm = res.model.eval()
@@ -188,15 +190,15 @@ def run_mondeq_reproduction(
             {
                 "seed": seed,
                 "accuracy": res.test_acc,
-                "m": float(fm.core.m),
+                "m": float(fm.core.m.detach()),
                 "mu": mu,
                 "L": L,
                 "train_time_s": res.train_time_s,
             }
         )
-        log(f"float MonDEQ seed {seed}: accuracy {res.test_acc:.4f}, m {float(fm.core.m):.3f}, mu {mu:.3f}")
+        log(f"float MonDEQ seed {seed}: accuracy {res.test_acc:.4f}, m {float(fm.core.m.detach()):.3f}, mu {mu:.3f}")
     fm = floats[p.seeds[0]]
-    kwargs = dict(BASE_KWARGS)
+    kwargs = dict(base)
     for pc in (False, True):
         for bits in p.ptq_bits:
             q = _quantized_copy(fm, QuantSpec(bits, per_channel=pc), shape, ncls, kwargs)
@@ -216,9 +218,9 @@ def run_mondeq_reproduction(
             f"paper {d['share_paper']:.3f}"
         )
     recipes = [
-        ("QAT", False, {**BASE_KWARGS}),
-        ("QAT per-row", True, {**BASE_KWARGS}),
-        ("certified QAT", True, {k: v for k, v in BASE_KWARGS.items() if k != "m"} | {"certify": True}),
+        ("QAT", False, {**base}),
+        ("QAT per-row", True, {**base}),
+        ("certified QAT", True, {k: v for k, v in base.items() if k != "m"} | {"certify": True}),
     ]
     for bits in p.qat_bits:
         for name, pc, mk in recipes:
@@ -242,7 +244,7 @@ def run_mondeq_reproduction(
                     "bits": bits,
                     "seed": seed,
                     "per_channel": pc,
-                    "m": float(qm.core.m),
+                    "m": float(qm.core.m.detach()),
                     "train_time_s": res.train_time_s,
                     **ptq_certificates(qm, x, y),
                 }

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 _SEED_MASK = (1 << 63) - 1
+_MAX_SLOTS = 1 << 53  # bit positions are exact float64 integers below this
 _CHUNK = 1 << 16  # draws per in-cache chunk (a constant: patterns do not depend on it being tuned)
 
 
@@ -116,7 +118,7 @@ def _check_codes(codes: Tensor, bits: int) -> bool:
 
 
 def _check_rate(name: str, p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, int | float):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise ValueError(f"{name} must be a number in [0, 1], got {p!r}")
     p = float(p)
     if not 0.0 <= p <= 1.0:  # also rejects NaN
@@ -185,7 +187,7 @@ def exposed_positions(bits: int, protected_bits: Iterable[int] = ()) -> tuple[in
         if isinstance(k, bool) or not isinstance(k, int):
             raise ValueError(f"protected bit positions must be integers, got {k!r}")
         if not -bits <= k < bits:
-            raise ValueError(f"protected bit {k} does not exist in a {bits}-bit word (valid: {-bits}..{bits - 1})")
+            raise ValueError(f"protected bit {k} does not exist in a {bits}-bit word ({-bits}..{bits - 1})")
         protected.add(k % bits)
     return tuple(j for j in range(bits) if j not in protected)
 
@@ -249,9 +251,10 @@ def _empty_sites(numel: int, bits: int) -> BitSites:
 def _bernoulli_chunks(n: int, p: float, generator: torch.Generator) -> Iterator[Tensor]:
     """Sorted positions (``int64``) of the successes of ``n`` i.i.d. Bernoulli(p) trials, chunk by chunk.
 
-    Gaps ``G_i = 1 + floor(log(U_i) / log(1 - p))``, ``U_i ~ Uniform[0, 1)``, are i.i.d. Geometric(p)
-    on ``{1, 2, ...}``: ``P(G > k) = P(U <= (1 - p)**k) = (1 - p)**k``. Positions are ``cumsum(G) - 1``;
-    ``U = 0`` (probability 2**-53) gives an infinite gap, i.e. no further success. ``0 < p < 1``.
+    Gaps ``G_i = ceil(log(U_i) / log(1 - p))``, ``U_i ~ Uniform[0, 1)``, are i.i.d. Geometric(p) on
+    ``{1, 2, ...}``: ``P(G > k) = P(log U < k log(1 - p)) = P(U < (1 - p)**k) = (1 - p)**k``.
+    Positions are ``cumsum(G) - 1``; ``U = 0`` (probability 2**-53) gives an infinite gap, i.e. no
+    further success. Requires ``0 < p < 1``.
 
     Uniforms are drawn ``_CHUNK`` at a time (every pass then runs in cache), and never many more
     than the remaining expected count ``r p + 6 sqrt(r p) + 16``. The running sum is float64: exact
@@ -264,7 +267,9 @@ def _bernoulli_chunks(n: int, p: float, generator: torch.Generator) -> Iterator[
         mean = remaining * p
         c = int(min(_CHUNK, remaining, math.ceil(mean + 6.0 * math.sqrt(mean) + 16.0)))
         x = torch.rand(c, dtype=torch.float64, generator=generator)
-        x.log_().mul_(inv_log_keep).floor_().add_(1.0)  # the gaps G_i (float, may be +inf)
+        # G = 1 + floor(L) with L = log U / log(1 - p) > 0; equal to ceil(L) unless L is an integer
+        # (probability 0, i.e. at the rounding level): P(ceil(L) > k) = P(U < (1 - p)**k).
+        x.log_().mul_(inv_log_keep).ceil_()  # the gaps G_i >= 1 (float, +inf for U = 0)
         x[0] += float(last)
         x.cumsum_(0)
         done = not bool(x[-1] < n)
@@ -299,6 +304,8 @@ def sample_bit_sites(
         raise ValueError(f"numel must be a non-negative integer, got {numel!r}")
     positions = exposed_positions(bits, protected_bits)
     b_u = len(positions)
+    if numel * b_u >= _MAX_SLOTS:
+        raise ValueError(f"{numel} words x {b_u} exposed bits exceed the 2**53 bits the sampler indexes")
     if p == 0.0 or numel == 0 or not b_u:
         return _empty_sites(numel, bits)
     if p == 1.0:
@@ -320,20 +327,22 @@ def sample_bit_sites(
         else:
             word = torch.div(pos, b_u, rounding_mode="floor")
             slot = pos - word * b_u
-        bit = slot_bit[slot]
-        if word.numel() > 1:
-            first = torch.empty(word.shape, dtype=torch.bool)
-            first[0] = True
-            torch.ne(word[1:], word[:-1], out=first[1:])
-            if not bool(first.all()):  # several bits of one word: OR them (distinct bits, so a sum)
-                group = first.cumsum(0) - 1
-                merged = torch.zeros(int(group[-1]) + 1, dtype=torch.int16)
-                bit = merged.index_add_(0, group, bit.to(torch.int16)).to(torch.uint8)
-                word = word[first]
+        bit = slot_bit.index_select(0, slot)
+        k = word.numel()
+        if k > 1:
+            same = word[1:] == word[:-1]
+            if bool(same.any()):  # several bits of one word: one entry, masks ORed (distinct bits: a sum)
+                first = torch.ones(k, dtype=torch.bool)
+                torch.logical_not(same, out=first[1:])
+                group = first.cumsum(0)
+                group -= 1
+                k = int(group[-1]) + 1
+                word = torch.empty(k, dtype=torch.int64).scatter_(0, group, word)
+                bit = torch.zeros(k, dtype=torch.uint8).scatter_add_(0, group, bit)
         if filled and int(word[0]) == last_word:  # continues the last word of the previous chunk
             mask[filled - 1] |= bit[0]
             word, bit = word[1:], bit[1:]
-        k = word.numel()
+            k -= 1
         if not k:
             continue
         if filled + k > index.numel():
@@ -361,14 +370,14 @@ def _pack_bits(matrix: Tensor) -> Tensor:
 
 def _flat_gather(codes: Tensor, index: Tensor) -> Tensor:
     if codes.is_contiguous():
-        return codes.view(-1)[index]
+        return codes.view(-1).index_select(0, index)
     return codes[torch.unravel_index(index, codes.shape)]
 
 
 def _flat_scatter_(codes: Tensor, index: Tensor, values: Tensor) -> None:
     with torch.no_grad():
         if codes.is_contiguous():
-            codes.view(-1).index_put_((index,), values)
+            codes.view(-1).scatter_(0, index, values)
         else:
             codes.index_put_(torch.unravel_index(index, codes.shape), values)
 

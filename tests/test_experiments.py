@@ -1,0 +1,87 @@
+"""Fast versions of every experiment (the full ones are `qmargin reproduce ...`, minutes to hours)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qmargin.experiments.ablation import AblationPoint, run_mcel_ablation, select_default
+from qmargin.experiments.demo import run_demo
+from qmargin.experiments.mcel import METHODS, Preset, run_mcel_reproduction
+from qmargin.experiments.mondeq import MonDEQPreset, run_mondeq_reproduction
+
+
+def test_demo_fast(tmp_path):
+    out = run_demo(epochs=2, bers=(0.0, 0.01, 0.2), repeats=2, out_dir=tmp_path, mondeq_epochs=1)
+    labels = [label for label, _ in out["campaigns"]]
+    assert labels == ["CE 4-bit", "MCEL 4-bit"]
+    for _, camp in out["campaigns"]:
+        assert [r["ber"] for r in camp["results"]] == [0.0, 0.01, 0.2]
+        assert camp["results"][0]["mean"] == camp["clean_accuracy"]
+        # a BER of 0.2 flips about one bit in five: accuracy must collapse towards chance
+        assert camp["results"][-1]["mean"] < camp["clean_accuracy"] - 0.2
+    assert [c["bits"] for c in out["certificates"]] == [3, 4, 5, 6, 8]
+    for c in out["certificates"]:
+        assert c["certified"] == (c["delta_w_norm"] < c["margin"])
+        if c["certified"]:
+            assert c["margin_quantized"] > 0
+    norms = [c["delta_w_norm"] for c in out["certificates"]]
+    assert norms == sorted(norms, reverse=True)  # more bits, smaller perturbation
+
+
+def test_mcel_reproduction_fast(tmp_path):
+    preset = Preset("digits", "mlp", epochs=1, bits=(4,), repeats=2, bers=(0.0, 0.01), methods=METHODS)
+    res = run_mcel_reproduction(preset="test", preset_override=preset, out_dir=tmp_path / "out",
+                                results_dir=tmp_path / "results")
+    rows = res["summary"]["rows"]
+    assert [r["method"] for r in rows] == [m.name for m in METHODS]
+    by = {r["method"]: r for r in rows}
+    assert by["CE"]["time_vs_ce"] == pytest.approx(1.0)
+    assert by["RandBET"]["config"]["train_ber"] > 0 and by["RandBET"]["config"]["w_max"] is not None
+    assert by["MCEL asym"]["config"]["quant"] == "asym"
+    for r in rows:
+        assert 0.0 <= r["clean_accuracy"] <= 1.0
+        assert len(r["results"]) == 2
+    assert "| 4 | MCEL |" in res["markdown"]
+    assert (tmp_path / "results" / "mcel_test_4bit.png").is_file()
+    assert json.loads((tmp_path / "results" / "mcel_test.json").read_text())["rows"][0]["method"] == "CE"
+    # resuming does not retrain: the stored runs are reused and the numbers are identical
+    again = run_mcel_reproduction(preset="test", preset_override=preset, out_dir=tmp_path / "out")
+    assert [r["results"] for r in again["summary"]["rows"]] == [r["results"] for r in rows]
+
+
+def test_mcel_ablation_fast_and_selection_rule(tmp_path):
+    grid = [AblationPoint("ce"), AblationPoint("mcel", 10.0, 3.0), AblationPoint("mcel", None, 3.0, 4.0)]
+    res = run_mcel_ablation(out_dir=tmp_path, grid=grid, bits=(2,), seeds=(0,), epochs=1, bers=(0.01,),
+                            repeats=2, dataset="digits", results_dir=tmp_path / "results")
+    assert {r["label"] for r in res["rows"]} == {"CE", "MCEL T=10, M=3", "MCEL T=inf, M=3, s=4"}
+    assert (tmp_path / "results" / "mcel_ablation.md").read_text().startswith("MCEL ablation")
+    # the rule: the most robust point among those within tolerance of CE's clean accuracy
+    rows = [
+        {"label": "CE", "point": {}, "bits": 2, "clean": [0.90], "ber_0.01": [0.50]},
+        {"label": "a", "point": {"m": 1}, "bits": 2, "clean": [0.895], "ber_0.01": [0.60]},
+        {"label": "b", "point": {"m": 2}, "bits": 2, "clean": [0.85], "ber_0.01": [0.90]},
+    ]
+    sel = select_default(rows, bits=(2,), bers=(0.01,), clean_tolerance=0.01)
+    assert sel is not None and sel["label"] == "a"
+    assert select_default(rows, bits=(2,), bers=(0.01,), clean_tolerance=0.10)["label"] == "b"
+
+
+def test_mondeq_reproduction_fast(tmp_path):
+    preset = MonDEQPreset(epochs=1, qat_epochs=1, seeds=(0,), ptq_bits=(4, 12), displacement_bits=(8,),
+                          qat_bits=(3,), model_kwargs={"n": 32, "r": 8, "m": 0.2, "learn_m": True, "solver": "pr"})
+    res = run_mondeq_reproduction(preset="test", preset_override=preset, out_dir=tmp_path / "out",
+                                  results_dir=tmp_path / "results", dataset="digits")
+    s = res["summary"]
+    assert [(r["bits"], r["per_channel"]) for r in s["ptq"]] == [(4, False), (12, False), (4, True), (12, True)]
+    for r in s["ptq"]:
+        assert r["certified"] == (r["delta_w_norm"] < r["margin"])
+        if r["certified"]:
+            assert r["monotone"] and r["pr_converged"]
+    (d,) = s["displacement"]
+    assert d["share_full"] == 1.0 and d["share_norm_form"] == 1.0  # the full bound holds on every sample
+    assert 0.0 <= d["share_paper"] <= 1.0
+    assert [r["method"] for r in s["qat"]] == ["QAT", "QAT per-row", "certified QAT"]
+    assert (tmp_path / "results" / "mondeq_test_margin_vs_bits.png").is_file()
+    assert (tmp_path / "results" / "mondeq_test_displacement.png").is_file()
