@@ -158,10 +158,14 @@ def run_mcel_ablation(
     return result
 
 
+_EPS = 1e-9
+"""Accuracies are multiples of 1/N_test averaged over seeds: the tolerance boundary is inclusive."""
+
+
 def select_default(
     rows: list[dict[str, Any]], *, bits: Sequence[int], bers: Sequence[float], clean_tolerance: float
 ) -> dict[str, Any] | None:
-    """The most robust MCEL point whose mean clean accuracy is within tolerance of CE at every width."""
+    """The most robust MCEL point whose mean clean accuracy is within tolerance (inclusive) of CE at every width."""
     by_label: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(r["label"], {})[r["bits"]] = r
@@ -171,7 +175,7 @@ def select_default(
         if label == "CE" or any(b not in per_bits for b in bits):
             continue
         ok = ce is None or all(
-            np.mean(per_bits[b]["clean"]) >= np.mean(ce[b]["clean"]) - clean_tolerance for b in bits
+            np.mean(per_bits[b]["clean"]) >= np.mean(ce[b]["clean"]) - clean_tolerance - _EPS for b in bits
         )
         score = float(np.mean([np.mean(per_bits[b][f"ber_{ber:g}"]) for b in bits for ber in bers]))
         if ok and (best is None or score > best["score"]):

@@ -61,7 +61,12 @@ __all__ = [
 
 _SEED_MASK = (1 << 63) - 1
 _MAX_SLOTS = 1 << 53  # bit positions are exact float64 integers below this
-_CHUNK = 1 << 16  # draws per in-cache chunk (a constant: patterns do not depend on it being tuned)
+_INT32_MAX = (1 << 31) - 1
+# Uniforms drawn per chunk. Selected positions are a function of the uniform stream only, not of
+# the chunking (torch draws CPU uniforms one after the other). Below ATen's 32768-element grain
+# size, so every per-chunk op runs on the calling thread (no OpenMP fork/join per op, which on a
+# loaded machine can cost a scheduler time slice each) and chunks stay in L2.
+_CHUNK = 32_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,11 +277,11 @@ def _bernoulli_chunks(n: int, p: float, generator: torch.Generator) -> Iterator[
         x.log_().mul_(inv_log_keep).ceil_()  # the gaps G_i >= 1 (float, +inf for U = 0)
         x[0] += float(last)
         x.cumsum_(0)
-        done = not bool(x[-1] < n)
+        done = float(x[-1]) >= n
         if done:
             x = x[: int(torch.searchsorted(x, float(n)))]
         if x.numel():
-            pos = x.to(torch.int64)
+            pos = x.to(torch.int32 if n <= _INT32_MAX else torch.int64)  # int32 halves the traffic
             yield pos
             last = int(pos[-1])
         if done:
@@ -328,17 +333,11 @@ def sample_bit_sites(
             word = torch.div(pos, b_u, rounding_mode="floor")
             slot = pos - word * b_u
         bit = slot_bit.index_select(0, slot)
-        k = word.numel()
-        if k > 1:
-            same = word[1:] == word[:-1]
-            if bool(same.any()):  # several bits of one word: one entry, masks ORed (distinct bits: a sum)
-                first = torch.ones(k, dtype=torch.bool)
-                torch.logical_not(same, out=first[1:])
-                group = first.cumsum(0)
-                group -= 1
-                k = int(group[-1]) + 1
-                word = torch.empty(k, dtype=torch.int64).scatter_(0, group, word)
-                bit = torch.zeros(k, dtype=torch.uint8).scatter_add_(0, group, bit)
+        unique, group = torch.unique_consecutive(word, return_inverse=True)
+        k = unique.numel()
+        if k < word.numel():  # several bits of one word: one entry, masks ORed (distinct bits: a sum)
+            bit = torch.zeros(k, dtype=torch.uint8).scatter_add_(0, group, bit)
+            word = unique
         if filled and int(word[0]) == last_word:  # continues the last word of the previous chunk
             mask[filled - 1] |= bit[0]
             word, bit = word[1:], bit[1:]
