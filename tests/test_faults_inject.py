@@ -253,8 +253,10 @@ def test_selection_by_name_type_and_tensor():
 def test_modules_with_other_tensor_names():
     model = nn.Sequential(TwoTensorLayer())
     assert [t for _, _, t in select_tensors(model, BitErrorModel(ber=0.1, tensors=None))] == ["W", "U"]
+    # the default selection takes the weights W and U (not biases); naming only "weight" selects nothing here
+    assert [t for _, _, t in select_tensors(model, BitErrorModel(ber=0.1))] == ["W", "U"]
     with pytest.raises(ConfigError, match="selects no stored tensor"):
-        select_tensors(model, BitErrorModel(ber=0.1))
+        select_tensors(model, BitErrorModel(ber=0.1, tensors=("weight",)))
     clean = {t: model[0].codes(t).clone() for t in ("W", "U")}
     with inject(model, BitErrorModel(ber=0.2, tensors=("U", "W")), seed=0) as report:
         assert [(r.tensor, r.bits) for r in report.tensors] == [("W", 6), ("U", 3)]
@@ -301,6 +303,7 @@ def test_error_model_normalisation_and_round_trip():
     m = BitErrorModel(ber=1e-3, p10=0.0, protected_bits=(7, -1, 7), layers="features.*",
                       layer_types=(nn.Conv2d, "Linear"), tensors="weight")
     assert m.layers == ("features.*",) and m.tensors == ("weight",)
+    assert BitErrorModel().tensors == ("weight", "W", "U")  # default: weights of every layer kind
     assert m.layer_types == ("Conv2d", "Linear") and m.protected_bits == (-1, 7)
     assert (m.rate_01, m.rate_10) == (1e-3, 0.0)
     d = json.loads(json.dumps(m.to_dict()))

@@ -117,9 +117,21 @@ def test_law_and_structure_do_not_depend_on_chunking(monkeypatch):
     """Tiny chunks put many chunk boundaries inside words: bits of one word must still merge."""
     from qmargin.faults import functional
 
-    monkeypatch.setattr(functional, "_CHUNK", 5)
     numel, bits, p = 6000, 3, 0.3
+    codes = torch.randint(-4, 4, (numel,), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    default = (
+        sample_bit_sites(numel, bits, p, seed=3),
+        sample_flips(codes, bits, p01=0.2, p10=0.05, seed=3),
+        sample_stuck_bits(numel, bits, rate_0=0.1, rate_1=0.2, seed=3),
+    )
+    monkeypatch.setattr(functional, "_CHUNK", 5)
     sites = sample_bit_sites(numel, bits, p, seed=3)
+    thinned = sample_flips(codes, bits, p01=0.2, p10=0.05, seed=3)
+    stuck = sample_stuck_bits(numel, bits, rate_0=0.1, rate_1=0.2, seed=3)
+    # the same patterns as with the default chunk size: chunking is not part of the law
+    assert torch.equal(sites.index, default[0].index) and torch.equal(sites.mask, default[0].mask)
+    assert torch.equal(thinned.index, default[1].index) and torch.equal(thinned.mask, default[1].mask)
+    assert torch.equal(stuck.index, default[2].index) and torch.equal(stuck.to_one, default[2].to_one)
     assert torch.all(sites.index[1:] > sites.index[:-1]) and torch.all(sites.mask != 0)
     assert sites.n_bits == int(popcount(torch.from_numpy(_word_masks(sites).astype(np.uint8))).sum())
     assert _chisquare(np.bincount(_word_masks(sites), minlength=8), _mask_law(bits, p) * numel) > ALPHA
@@ -305,6 +317,14 @@ def test_unsigned_words(bits):
     out = codes.clone()
     flip_bits_(out, bits, sites)
     assert out.tolist() == [c ^ m for c in codes.tolist()]
+
+
+def test_popcount_and_bit_differences_match_python():
+    words = torch.arange(256).to(torch.uint8)
+    assert popcount(words).tolist() == [bin(w).count("1") for w in range(256)]
+    assert popcount(words.view(torch.int8)).tolist() == [bin(w).count("1") for w in range(256)]
+    a, b = torch.tensor([-8, 7, 0], dtype=torch.int8), torch.tensor([7, 7, -1], dtype=torch.int8)
+    assert bit_differences(a, b, 4) == 4 + 0 + 4  # 1000 vs 0111, 0000 vs 1111
 
 
 def test_sign_code_words():

@@ -22,11 +22,10 @@ def error_model_for(
 ):
     """The campaign's template ``BitErrorModel`` (its BER is replaced per grid point).
 
-    Weights only by default (``tensors=("weight",)``, plus every stored tensor of MonDEQ layers,
-    whose stored tensors are ``W``, ``U`` ...): ``tensors=None`` hits every stored tensor, which
-    includes biases stored as codes.
+    Weights only by default (``WEIGHT_TENSORS``: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of
+    MonDEQ layers); ``include_bias`` hits every stored tensor, which includes biases stored as codes.
     """
-    from qmargin.faults import BitErrorModel
+    from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
 
     return BitErrorModel(
         ber=0.0,
@@ -34,7 +33,7 @@ def error_model_for(
         p10=p10,
         protected_bits=tuple(protected_bits),
         layers=tuple(layers) or ("*",),
-        tensors=None if include_bias else ("weight", "W", "U"),
+        tensors=None if include_bias else WEIGHT_TENSORS,
     )
 
 

@@ -47,6 +47,7 @@ METHODS: tuple[Method, ...] = (
     # Stutz et al.'s RandBET trains with clipping and random bit errors together.
     Method("RandBET", {"loss": "ce", "train_ber": 0.01, "w_max": 0.1}),
     Method("CE+clip", {"loss": "ce", "w_max": 0.1}),
+    Method("MCEL+clip", {"loss": "mcel", "w_max": 0.1}),
     Method("CE asym", {"loss": "ce", "quant": "asym"}),
     Method("MCEL asym", {"loss": "mcel", "quant": "asym"}),
 )

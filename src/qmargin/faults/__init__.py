@@ -13,7 +13,7 @@ Conventions (docs/bit-conventions.md): b-bit words, bit 0 = LSB; ``int8`` codes 
 complement (``b = 1``: sign code, word 1 = +1, word 0 = -1), ``uint8`` codes unsigned.
 """
 
-from qmargin.faults.error_model import BitErrorModel
+from qmargin.faults.error_model import WEIGHT_TENSORS, BitErrorModel
 from qmargin.faults.functional import (
     BitSites,
     StuckBits,
@@ -37,6 +37,7 @@ from qmargin.faults.inject import InjectionReport, TensorFaults, inject, select_
 
 __all__ = [
     "BitErrorModel",
+    "WEIGHT_TENSORS",
     "inject",
     "select_tensors",
     "InjectionReport",

@@ -15,8 +15,9 @@ Selection: a quantized module named ``name`` is hit when ``name`` matches one of
 ``layers`` and none of ``exclude`` (``fnmatch``, case-sensitive; the root module is ``""``), and, if
 ``layer_types`` is given, its class or one of its base classes has one of those names
 (``"QuantConv2d"``, ``"Conv2d"``, ``"Linear"``, ...). Of such a module, the stored tensors named in
-``tensors`` are hit (``("weight", "bias")`` adds biases stored as codes); ``tensors=None`` hits every
-tensor the module stores as codes (MonDEQ layers store ``W``, ``U``, ...). Tensors a module keeps in
+``tensors`` are hit (default: the weights, ``WEIGHT_TENSORS``; ``("weight", "bias")`` adds biases stored
+as codes); ``tensors=None`` hits every tensor the module stores as codes (MonDEQ layers store ``W``,
+``U``, ``b``). Tensors a module keeps in
 float are never hit: only codes are stored bits.
 """
 
@@ -33,7 +34,11 @@ from torch import nn
 
 from qmargin.errors import ConfigError
 
-__all__ = ["BitErrorModel"]
+__all__ = ["BitErrorModel", "WEIGHT_TENSORS"]
+
+WEIGHT_TENSORS: tuple[str, ...] = ("weight", "W", "U")
+"""The stored tensors that count as weights: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of MonDEQ
+layers. Biases (``bias``, MonDEQ ``b``) are hit only when named or with ``tensors=None``."""
 
 
 def _rate(name: str, value: Any) -> float:
@@ -74,7 +79,8 @@ class BitErrorModel:
         exclude: glob patterns of module names to spare.
         layer_types: class names (or classes) to hit; ``None`` = any. A name matches the module's
             class or any base class, so ``"Conv2d"`` matches ``QuantConv2d``.
-        tensors: names of stored tensors to hit (default ``("weight",)``); ``None`` = all of them.
+        tensors: names of stored tensors to hit (default :data:`WEIGHT_TENSORS`: the weights of
+            ``nn``-style layers and the ``W``, ``U`` of MonDEQ layers, no biases); ``None`` = all of them.
 
     Strings are accepted where a tuple is expected (``layers="fc"``). Values are validated and
     normalised on construction; mistakes raise :class:`qmargin.errors.ConfigError` (a ``ValueError``).
@@ -89,7 +95,7 @@ class BitErrorModel:
     layers: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     layer_types: tuple[str, ...] | None = None
-    tensors: tuple[str, ...] | None = ("weight",)
+    tensors: tuple[str, ...] | None = WEIGHT_TENSORS
 
     def __post_init__(self) -> None:
         put = object.__setattr__

@@ -16,7 +16,7 @@ p. With separate rates, a stored 0 reads as 1 with probability ``p01`` and a sto
 Exact sparse sampling. The ``b_u`` exposed bits of ``n`` words form ``N = n b_u`` slots (slot
 ``s`` is exposed bit ``s mod b_u`` of word ``s div b_u``). Selecting each slot independently with
 probability p is a Bernoulli(p) process, whose gaps between successive selected slots are i.i.d.
-``Geometric(p)`` on ``{1, 2, ...}``; they are drawn by inversion, ``G = 1 + floor(log U / log(1 - p))``
+``Geometric(p)`` on ``{1, 2, ...}``; they are drawn by inversion, ``G = ceil(log U / log(1 - p))``
 with ``U ~ Uniform[0, 1)``, and their cumulative sum lists the selected slots in increasing order,
 without duplicates. The result has exactly the law of ``N`` independent Bernoulli(p) draws (up to the
 2**-53 resolution of the uniforms): the number of selected bits is Binomial(N, p) and, given K, the
@@ -62,10 +62,11 @@ __all__ = [
 _SEED_MASK = (1 << 63) - 1
 _MAX_SLOTS = 1 << 53  # bit positions are exact float64 integers below this
 _INT32_MAX = (1 << 31) - 1
-# Uniforms drawn per chunk. Selected positions are a function of the uniform stream only, not of
-# the chunking (torch draws CPU uniforms one after the other). Below ATen's 32768-element grain
-# size, so every per-chunk op runs on the calling thread (no OpenMP fork/join per op, which on a
-# loaded machine can cost a scheduler time slice each) and chunks stay in L2.
+# Uniforms drawn per chunk. Patterns do not depend on it: positions are a function of the uniform
+# stream only (torch draws CPU uniforms one after the other) and per-bit decisions use a substream
+# (`_substream`). Below ATen's 32768-element grain size, so every per-chunk op runs on the calling
+# thread (no OpenMP fork/join per op, which on a loaded machine can cost a scheduler time slice
+# each) and chunks stay in L2.
 _CHUNK = 32_000
 
 
@@ -162,15 +163,18 @@ def from_words(words: Tensor, bits: int, signed: bool) -> Tensor:
     return (words.to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
-
-
 def popcount(words: Tensor) -> Tensor:
-    """Number of set bits of each 8-bit word (``uint8`` in, ``uint8`` out)."""
+    """Number of set bits of each 8-bit word (``uint8``/``int8`` in, ``uint8`` out).
+
+    SWAR on bytes: pair sums ``x - ((x >> 1) & 0x55)``, nibble sums ``(x & 0x33) + ((x >> 2) & 0x33)``,
+    byte sum ``(x + (x >> 4)) & 0x0F``.
+    """
     if words.dtype not in (torch.uint8, torch.int8):
         raise TypeError(f"popcount works on 8-bit words, got {words.dtype}")
-    table = _POPCOUNT.to(words.device)
-    return table[words.view(torch.uint8).long()]
+    x = words.view(torch.uint8)
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
 
 
 def bit_differences(a: Tensor, b: Tensor, bits: int) -> int:
@@ -254,7 +258,9 @@ def _empty_sites(numel: int, bits: int) -> BitSites:
 
 
 def _bernoulli_chunks(n: int, p: float, generator: torch.Generator) -> Iterator[Tensor]:
-    """Sorted positions (``int64``) of the successes of ``n`` i.i.d. Bernoulli(p) trials, chunk by chunk.
+    """Sorted positions of the successes of ``n`` i.i.d. Bernoulli(p) trials, chunk by chunk.
+
+    Positions are ``int32`` when ``n < 2**31`` (half the memory traffic of ``int64``), else ``int64``.
 
     Gaps ``G_i = ceil(log(U_i) / log(1 - p))``, ``U_i ~ Uniform[0, 1)``, are i.i.d. Geometric(p) on
     ``{1, 2, ...}``: ``P(G > k) = P(log U < k log(1 - p)) = P(U < (1 - p)**k) = (1 - p)**k``.
@@ -355,6 +361,15 @@ def sample_bit_sites(
     return BitSites(index[:filled], mask[:filled], numel, bits)
 
 
+def _substream(generator: torch.Generator) -> torch.Generator:
+    """A second generator seeded from one draw of ``generator``, taken before any other draw.
+
+    Per-bit decisions (thinning, stuck-at value) use it, so they do not depend on how many uniforms
+    the position sampler consumed (which depends on its chunking).
+    """
+    return torch.Generator().manual_seed(int(torch.randint(0, _SEED_MASK, (1,), generator=generator)))
+
+
 def _bit_matrix(mask: Tensor, bits: int) -> Tensor:
     """``[K, bits]`` 0/1 matrix of the bits of ``mask`` (column j = bit j)."""
     shifts = torch.arange(bits, dtype=torch.uint8, device=mask.device)
@@ -369,7 +384,7 @@ def _pack_bits(matrix: Tensor) -> Tensor:
 
 def _flat_gather(codes: Tensor, index: Tensor) -> Tensor:
     if codes.is_contiguous():
-        return codes.view(-1).index_select(0, index)
+        return codes.view(-1).gather(0, index)
     return codes[torch.unravel_index(index, codes.shape)]
 
 
@@ -402,8 +417,11 @@ def sample_flips(
     p10 = _check_rate("p10", p10)
     p_max = max(p01, p10)
     g = make_generator(seed)
+    if p01 == p10:
+        return sample_bit_sites(codes.numel(), bits, p_max, seed=g, protected_bits=protected_bits)
+    thin = _substream(g)
     sites = sample_bit_sites(codes.numel(), bits, p_max, seed=g, protected_bits=protected_bits)
-    if p01 == p10 or not len(sites):
+    if not len(sites):
         return sites
     old = _flat_gather(codes, sites.index.to(codes.device)).cpu()
     _check_representable(old, bits, signed)
@@ -411,7 +429,7 @@ def sample_flips(
     candidate = _bit_matrix(sites.mask, bits).bool()
     ratios = torch.tensor([p01 / p_max, p10 / p_max], dtype=torch.float64)
     keep_prob = ratios[value.long()]
-    u = torch.rand(keep_prob.shape, dtype=torch.float64, generator=g)
+    u = torch.rand(keep_prob.shape, dtype=torch.float64, generator=thin)
     mask = _pack_bits(candidate & (u < keep_prob))
     nonzero = mask != 0
     return BitSites(sites.index[nonzero], mask[nonzero], sites.numel, bits)
@@ -438,12 +456,13 @@ def sample_stuck_bits(
     if s > 1.0 + 1e-12:
         raise ValueError(f"stuck_at_0 + stuck_at_1 must be <= 1, got {s}")
     g = make_generator(seed)
+    split = _substream(g) if rate_0 > 0.0 and rate_1 > 0.0 else None
     sites = sample_bit_sites(numel, bits, min(s, 1.0), seed=g, protected_bits=protected_bits)
-    if rate_1 == 0.0:
-        return StuckBits(sites.index, sites.mask, torch.zeros_like(sites.mask), numel, bits)
-    if rate_0 == 0.0:
-        return StuckBits(sites.index, torch.zeros_like(sites.mask), sites.mask, numel, bits)
-    u = torch.rand((len(sites), bits), dtype=torch.float64, generator=g)
+    if split is None:
+        zeros = torch.zeros_like(sites.mask)
+        to_zero, to_one = (sites.mask, zeros) if rate_1 == 0.0 else (zeros, sites.mask)
+        return StuckBits(sites.index, to_zero, to_one, numel, bits)
+    u = torch.rand((len(sites), bits), dtype=torch.float64, generator=split)
     ones = _pack_bits(_bit_matrix(sites.mask, bits).bool() & (u < rate_1 / s))
     return StuckBits(sites.index, sites.mask & ~ones, ones, numel, bits)
 
