@@ -84,16 +84,41 @@ def test_train_evaluate_compare_end_to_end_on_digits(tmp_path):
     runs = tmp_path / "runs"
     for loss in ("ce", "mcel"):
         proc = run_cli(
-            "train", "--dataset", "digits", "--model", "mlp", "--bits", "4", "--loss", loss,
-            "--epochs", "2", "--seed", "0", "--out", str(runs / loss), "--quiet", "--device", "cpu",
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp",
+            "--bits",
+            "4",
+            "--loss",
+            loss,
+            "--epochs",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            str(runs / loss),
+            "--quiet",
+            "--device",
+            "cpu",
         )
         assert proc.returncode == 0, proc.stderr
         assert "test accuracy" in proc.stdout
         assert (runs / loss / "model.safetensors").is_file()
         assert (runs / loss / "integer.safetensors").is_file()
         proc = run_cli(
-            "evaluate", str(runs / loss), "--ber", "0,0.01,0.05", "--repeats", "3", "--seed", "100",
-            "--quiet", "--device", "cpu",
+            "evaluate",
+            str(runs / loss),
+            "--ber",
+            "0,0.01,0.05",
+            "--repeats",
+            "3",
+            "--seed",
+            "100",
+            "--quiet",
+            "--device",
+            "cpu",
         )
         assert proc.returncode == 0, proc.stderr
         result = json.loads((runs / loss / "ber.json").read_text())
@@ -110,34 +135,108 @@ def test_train_evaluate_compare_end_to_end_on_digits(tmp_path):
     assert "ce" in proc.stdout and "mcel" in proc.stdout
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a finished run is not retrained
-    proc = run_cli("train", "--dataset", "digits", "--bits", "4", "--loss", "ce", "--epochs", "2",
-                   "--out", str(runs / "ce"), "--quiet", "--device", "cpu")
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "digits",
+        "--bits",
+        "4",
+        "--loss",
+        "ce",
+        "--epochs",
+        "2",
+        "--out",
+        str(runs / "ce"),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0 and "already trained" in proc.stdout
 
 
 def test_mondeq_train_certify_evaluate_through_cli(tmp_path):
     run = tmp_path / "mon"
-    proc = run_cli("train", "--dataset", "digits", "--model", "mondeq", "--bits", "32", "--epochs", "1",
-                   "--hidden", "32", "--out", str(run), "--quiet", "--device", "cpu")
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mondeq",
+        "--bits",
+        "32",
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--out",
+        str(run),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("certify", str(run), "--bits", "3,4,8", "--per-channel", "--out", str(tmp_path / "c.json"),
-                   "--ber", "0.001", "--patterns", "5")
+    proc = run_cli(
+        "certify",
+        str(run),
+        "--bits",
+        "3,4,8",
+        "--per-channel",
+        "--out",
+        str(tmp_path / "c.json"),
+        "--ber",
+        "0.001",
+        "--patterns",
+        "5",
+    )
     assert proc.returncode == 0, proc.stderr
     cert = json.loads((tmp_path / "c.json").read_text())
     assert [r["bits"] for r in cert["results"]] == [3, 4, 8]
     for r in cert["results"]:
-        for key in ("margin", "margin_quantized", "delta_w_norm", "delta_u_norm", "delta_b_norm",
-                    "certified", "monotone", "kappa", "pr_rate", "fb_rate"):
+        for key in (
+            "margin",
+            "margin_quantized",
+            "delta_w_norm",
+            "delta_u_norm",
+            "delta_b_norm",
+            "certified",
+            "monotone",
+            "kappa",
+            "pr_rate",
+            "fb_rate",
+        ):
             assert key in r
         assert r["certified"] == (r["delta_w_norm"] < r["margin"])
         assert 0.0 <= r["ber_certified_share"] <= r["ber_monotone_share"] <= 1.0
-    # a float MonDEQ has no stored codes to corrupt: a clear error
-    _one_line_error(run_cli("evaluate", str(run), "--ber", "0.01", "--repeats", "2"), "float")
+    # a float MonDEQ has no stored codes: it is quantized post-training (8 bits unless --bits) first
+    proc = run_cli("evaluate", str(run), "--ber", "0,0.01", "--repeats", "2", "--quiet", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "post-training quantization to 8-bit" in proc.stdout and "did not converge" in proc.stdout
+    result = json.loads((run / "ber.json").read_text())
+    assert result["config"]["ptq_bits"] == 8 and all("failures" in r for r in result["results"])
     run3 = tmp_path / "mon3"
-    proc = run_cli("train", "--dataset", "digits", "--model", "mondeq", "--bits", "3", "--per-channel",
-                   "--certify", "--epochs", "1", "--hidden", "32", "--out", str(run3), "--quiet", "--device", "cpu")
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mondeq",
+        "--bits",
+        "3",
+        "--per-channel",
+        "--certify",
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--out",
+        str(run3),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("evaluate", str(run3), "--ber", "0,0.01", "--repeats", "2", "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+    _one_line_error(run_cli("evaluate", str(run3), "--ber", "0.01", "--bits", "4"), "stored codes")
     result = json.loads((run3 / "ber.json").read_text())
     assert all("failures" in r for r in result["results"])

@@ -32,8 +32,9 @@ def test_demo_fast(tmp_path):
 
 def test_mcel_reproduction_fast(tmp_path):
     preset = Preset("digits", "mlp", epochs=1, bits=(4,), repeats=2, bers=(0.0, 0.01), methods=METHODS)
-    res = run_mcel_reproduction(preset="test", preset_override=preset, out_dir=tmp_path / "out",
-                                results_dir=tmp_path / "results")
+    res = run_mcel_reproduction(
+        preset="test", preset_override=preset, out_dir=tmp_path / "out", results_dir=tmp_path / "results"
+    )
     rows = res["summary"]["rows"]
     assert [r["method"] for r in rows] == [m.name for m in METHODS]
     by = {r["method"]: r for r in rows}
@@ -53,8 +54,17 @@ def test_mcel_reproduction_fast(tmp_path):
 
 def test_mcel_ablation_fast_and_selection_rule(tmp_path):
     grid = [AblationPoint("ce"), AblationPoint("mcel", 10.0, 3.0), AblationPoint("mcel", None, 3.0, 4.0)]
-    res = run_mcel_ablation(out_dir=tmp_path, grid=grid, bits=(2,), seeds=(0,), epochs=1, bers=(0.01,),
-                            repeats=2, dataset="digits", results_dir=tmp_path / "results")
+    res = run_mcel_ablation(
+        out_dir=tmp_path,
+        grid=grid,
+        bits=(2,),
+        seeds=(0,),
+        epochs=1,
+        bers=(0.01,),
+        repeats=2,
+        dataset="digits",
+        results_dir=tmp_path / "results",
+    )
     assert {r["label"] for r in res["rows"]} == {"CE", "MCEL T=10, M=3", "MCEL T=inf, M=3, s=4"}
     assert (tmp_path / "results" / "mcel_ablation.md").read_text().startswith("MCEL ablation")
     # the rule: the most robust point among those within tolerance of CE's clean accuracy
@@ -69,19 +79,37 @@ def test_mcel_ablation_fast_and_selection_rule(tmp_path):
 
 
 def test_mondeq_reproduction_fast(tmp_path):
-    preset = MonDEQPreset(epochs=1, qat_epochs=1, seeds=(0,), ptq_bits=(4, 12), displacement_bits=(8,),
-                          qat_bits=(3,), model_kwargs={"n": 32, "r": 8, "m": 0.2, "learn_m": True, "solver": "pr"})
-    res = run_mondeq_reproduction(preset="test", preset_override=preset, out_dir=tmp_path / "out",
-                                  results_dir=tmp_path / "results", dataset="digits")
+    preset = MonDEQPreset(
+        epochs=1,
+        qat_epochs=1,
+        seeds=(0,),
+        ptq_bits=(4, 12),
+        displacement_bits=(8,),
+        qat_bits=(3,),
+        model_kwargs={"n": 32, "r": 8, "m": 0.2, "learn_m": True, "solver": "pr"},
+    )
+    res = run_mondeq_reproduction(
+        preset="test",
+        preset_override=preset,
+        out_dir=tmp_path / "out",
+        results_dir=tmp_path / "results",
+        dataset="digits",
+    )
     s = res["summary"]
-    assert [(r["bits"], r["per_channel"]) for r in s["ptq"]] == [(4, False), (12, False), (4, True), (12, True)]
+    assert [(r["bits"], r["per_channel"]) for r in s["ptq"]] == [
+        (4, False),
+        (12, False),
+        (4, True),
+        (12, True),
+    ]
     for r in s["ptq"]:
         assert r["certified"] == (r["delta_w_norm"] < r["margin"])
         if r["certified"]:
             assert r["monotone"] and r["pr_converged"]
-    (d,) = s["displacement"]
-    assert d["share_full"] == 1.0 and d["share_norm_form"] == 1.0  # the full bound holds on every sample
-    assert 0.0 <= d["share_paper"] <= 1.0
+    assert [d["bits"] for d in s["displacement"]] == ["8", "W 8, U/b 4"]
+    for d in s["displacement"]:
+        assert d["share_full"] == 1.0 and d["share_norm_form"] == 1.0  # the full bound holds on every sample
+        assert 0.0 <= d["share_paper"] <= 1.0
     assert [r["method"] for r in s["qat"]] == ["QAT", "QAT per-row", "certified QAT"]
     assert (tmp_path / "results" / "mondeq_test_margin_vs_bits.png").is_file()
     assert (tmp_path / "results" / "mondeq_test_displacement.png").is_file()

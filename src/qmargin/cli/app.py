@@ -282,6 +282,10 @@ def evaluate(
     ] = None,
     layers: Annotated[str, typer.Option(help="Comma-separated glob patterns of layers to hit.")] = "*",
     include_bias: Annotated[bool, typer.Option(help="Also hit biases stored as codes.")] = False,
+    bits: Annotated[
+        int | None,
+        typer.Option(help="Float runs only: post-training quantize to these bits first (default 8)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
@@ -313,8 +317,23 @@ def evaluate(
             data_dir=data_dir,
             overwrite=overwrite,
             progress=progress,
+            ptq_bits=bits,
+        )
+    if "ptq_bits" in result.get("config", {}):
+        console.print(
+            f"float run: evaluated after post-training quantization to "
+            f"{result['config']['ptq_bits']}-bit codes"
         )
     console.print(ber_table(result, title=f"{run}: accuracy under random bit errors ({repeats} patterns)"))
+    if any("failures" in r for r in result["results"]):
+        n_test = result.get("evaluation", {}).get("n_test", "?")
+        parts = [
+            f"BER {r['ber']:g}: {sum(r['failures']) / len(r['failures']):.1f}" for r in result["results"]
+        ]
+        console.print(
+            f"MonDEQ solves that did not converge (counted as errors), mean per pattern of {n_test} samples: "
+            + ", ".join(parts)
+        )
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(run.name, result)], png, title=f"{run.name}")

@@ -4,6 +4,28 @@ backward, classifier, checkpoint importers and quantization certificates (design
 Imports only ``qmargin.quant`` / ``qmargin.faults`` / ``qmargin.errors`` of qmargin.
 """
 
+from qmargin.deq.certificates import (
+    BitErrorCertificate,
+    BitFlipCertificate,
+    Certificate,
+    DisplacementBound,
+    SolverRates,
+    bit_flip_perturbation_bounds,
+    certify,
+    certify_under_bit_errors,
+    code_bit_deltas,
+    conv_frequency_blocks,
+    displacement_bound,
+    fb_rate,
+    lipschitz_constant,
+    max_certified_bit_flips,
+    monotonicity_margin,
+    pr_rate,
+    residual_error_bound,
+    solver_rates,
+    spectral_norm,
+    sym_max_eigenvalue,
+)
 from qmargin.deq.classifier import MonDEQClassifier
 from qmargin.deq.importers import (
     detect_format,
@@ -34,29 +56,6 @@ from qmargin.deq.solvers import (
     fixed_point_residual,
     solve,
     solve_adjoint,
-)
-
-from qmargin.deq.certificates import (
-    BitErrorCertificate,
-    BitFlipCertificate,
-    Certificate,
-    DisplacementBound,
-    SolverRates,
-    bit_flip_perturbation_bounds,
-    certify,
-    certify_under_bit_errors,
-    code_bit_deltas,
-    conv_frequency_blocks,
-    displacement_bound,
-    fb_rate,
-    lipschitz_constant,
-    max_certified_bit_flips,
-    monotonicity_margin,
-    pr_rate,
-    residual_error_bound,
-    solver_rates,
-    spectral_norm,
-    sym_max_eigenvalue,
 )
 
 __all__ = [

@@ -165,7 +165,8 @@ _EPS = 1e-9
 def select_default(
     rows: list[dict[str, Any]], *, bits: Sequence[int], bers: Sequence[float], clean_tolerance: float
 ) -> dict[str, Any] | None:
-    """The most robust MCEL point whose mean clean accuracy is within tolerance (inclusive) of CE at every width."""
+    """The most robust MCEL point whose mean clean accuracy is within tolerance (inclusive) of CE
+    at every bit width."""
     by_label: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(r["label"], {})[r["bits"]] = r

@@ -70,7 +70,9 @@ def run_demo(
     if mondeq:
         from qmargin.experiments.certify import demo_mondeq_certificates
 
-        certs, title = demo_mondeq_certificates(data, out / "mondeq", seed=seed, bits=DEMO_BITS, epochs=mondeq_epochs, log=log)
+        certs, title = demo_mondeq_certificates(
+            data, out / "mondeq", seed=seed, bits=DEMO_BITS, epochs=mondeq_epochs, log=log
+        )
         summary["certificates"] = certs
         summary["mondeq_title"] = title
     return summary

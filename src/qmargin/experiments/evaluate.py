@@ -9,7 +9,10 @@ from typing import Any
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign
 
-__all__ = ["evaluate_run", "error_model_for"]
+__all__ = ["evaluate_run", "error_model_for", "post_training_quantized", "DEFAULT_PTQ_BITS"]
+
+DEFAULT_PTQ_BITS = 8
+"""Bit width a float run (``--bits 32``) is quantized to before a campaign, unless told otherwise."""
 
 
 def error_model_for(
@@ -52,19 +55,30 @@ def evaluate_run(
     data_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[Any], None] | None = None,
+    ptq_bits: int | None = None,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
     Accuracy counts a sample as wrong when a MonDEQ solve does not converge; the per-pattern number
-    of such samples is stored under ``failures``.
+    of such samples is stored under ``failures``. A float run (``bits=32``) has no stored codes: it is
+    first quantized post-training to ``ptq_bits`` (default :data:`DEFAULT_PTQ_BITS`) with the run's
+    quantizer settings, and the result records ``config["ptq_bits"]``. ``ptq_bits`` on a quantized run
+    is an error (its stored codes are what is evaluated).
     """
     from qmargin.data import load_dataset
     from qmargin.training import load_run, resolve_device
 
     dev = resolve_device(device)
     model, config, _ = load_run(run_dir, device=dev)
+    extra: dict[str, Any] = {}
     if not config.quantized:
-        raise ConfigError(f"{run_dir}: a float model (bits=32) has no stored integer codes to corrupt")
+        bits = DEFAULT_PTQ_BITS if ptq_bits is None else ptq_bits
+        model = post_training_quantized(model, config, bits).to(dev)
+        extra["ptq_bits"] = bits
+    elif ptq_bits is not None:
+        raise ConfigError(
+            f"{run_dir}: a {config.bits}-bit run is evaluated on its stored codes; --bits is for float runs"
+        )
     data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
     template = error_model_for(protected_bits=protected_bits, layers=layers, include_bias=include_bias)
     return run_ber_campaign(
@@ -77,8 +91,29 @@ def evaluate_run(
         error_model=template,
         batch_size=batch_size,
         out_path=out_path,
-        config={"run_dir": str(run_dir), **config.to_dict()},
+        config={"run_dir": str(run_dir), **config.to_dict(), **extra},
         device=dev,
         progress=progress,
         overwrite=overwrite,
     )
+
+
+def post_training_quantized(model: Any, config: Any, bits: int) -> Any:
+    """A quantized twin of a float run's model (same architecture, ``bits``-bit weights, eval mode)."""
+    from qmargin.training.factory import make_model
+
+    if not 1 <= int(bits) <= 8:
+        raise ConfigError(f"post-training quantization needs bits in 1..8, got {bits}")
+    qconfig = config.replace(bits=int(bits))
+    first = next(iter(model.parameters()))
+    input_shape, num_classes = _shape_of(model, config)
+    q = make_model(qconfig, input_shape, num_classes).to(first.device)
+    q.load_state_dict(model.state_dict())
+    return q.eval()
+
+
+def _shape_of(model: Any, config: Any) -> tuple[tuple[int, ...], int]:
+    from qmargin.data import dataset_info
+
+    info = dataset_info(config.dataset)
+    return tuple(info.input_shape), int(info.num_classes)

@@ -196,7 +196,10 @@ def run_mondeq_reproduction(
                 "train_time_s": res.train_time_s,
             }
         )
-        log(f"float MonDEQ seed {seed}: accuracy {res.test_acc:.4f}, m {float(fm.core.m.detach()):.3f}, mu {mu:.3f}")
+        log(
+            f"float MonDEQ seed {seed}: accuracy {res.test_acc:.4f}, m {float(fm.core.m.detach()):.3f}, "
+            f"mu {mu:.3f}"
+        )
     fm = floats[p.seeds[0]]
     kwargs = dict(base)
     for pc in (False, True):
@@ -209,12 +212,20 @@ def run_mondeq_reproduction(
                 f"mu {row['margin']:.3f} mu~ {row['margin_quantized']:.3f} certified {row['certified']} "
                 f"acc {row['accuracy']:.4f}"
             )
-    for bits in p.displacement_bits:
-        q = _quantized_copy(fm, QuantSpec(bits), shape, ncls, kwargs)
+    # W, U, b at the same bits; then W fine and U, b coarse (a mixed-precision deployment), where the
+    # paper's dW-only form has nothing to account for the input-side error.
+    cases = [(f"{b}", b, b) for b in p.displacement_bits] + [
+        (f"W {max(p.displacement_bits)}, U/b 4", max(p.displacement_bits), 4)
+    ]
+    for label, w_bits, ub_bits in cases:
+        q = _quantized_copy(fm, QuantSpec(w_bits), shape, ncls, kwargs)
+        q.core.unfreeze()
+        q.core.quant_specs["U"] = QuantSpec(ub_bits)
+        q.core.quant_specs["b"] = QuantSpec(ub_bits)
         d = _displacement(q, x)
-        summary["displacement"].append({"bits": bits, **d})
+        summary["displacement"].append({"bits": label, "w_bits": w_bits, "ub_bits": ub_bits, **d})
         log(
-            f"displacement {bits}-bit: full {d['share_full']:.3f} norm {d['share_norm_form']:.3f} "
+            f"displacement {label}-bit: full {d['share_full']:.3f} norm {d['share_norm_form']:.3f} "
             f"paper {d['share_paper']:.3f}"
         )
     recipes = [

@@ -1,4 +1,4 @@
-"""Architectures (MLP, VGG3/VGG7, ResNet-20) built from :mod:`qmargin.quant` layers, and the registry.
+"""Architectures (MLP, VGG3/VGG7, ResNet-20, MonDEQ) built from :mod:`qmargin.quant` layers, and the registry.
 
 Every model takes ``spec: QuantSpec | None`` (``None`` = float ``nn.Linear``/``nn.Conv2d``) and an
 optional ``bias_spec``; quantized layers are :class:`~qmargin.quant.QuantLinear` /
@@ -7,12 +7,12 @@ optional ``bias_spec``; quantized layers are :class:`~qmargin.quant.QuantLinear`
 
 from qmargin.models.layers import conv2d, linear
 from qmargin.models.mlp import MLP
+from qmargin.models.mondeq import MonDEQNet, build_mondeq
 from qmargin.models.registry import ModelBuilder, available_models, build_model, register_model
 from qmargin.models.resnet import BasicBlock, CifarResNet, resnet20
 from qmargin.models.vgg import VGG, vgg3, vgg7
-from qmargin.models.mondeq import MonDEQNet, build_mondeq  # noqa: E402  (registers "mondeq")
 
-register_model("mondeq", build_mondeq, overwrite=True)
+register_model("mondeq", build_mondeq, overwrite=True)  # the MonDEQ classifier of qmargin.deq
 
 __all__ = [
     "MLP",
