@@ -77,6 +77,9 @@ def certify_weights(
     if bits <= 8:
         flips = max_certified_bit_flips(W_q, codes, scale, spec).to_dict()
         row["max_certified_bit_flips"] = flips["max_flips"]
+        if bits >= 3:  # the same with the two most significant bits protected (e.g. by ECC)
+            prot = max_certified_bit_flips(W_q, codes, scale, spec, protected_bits=(-1, -2)).to_dict()
+            row["max_certified_bit_flips_msb2_protected"] = prot["max_flips"]
         if ber is not None:
             be = certify_under_bit_errors(W_q, codes, scale, zp, spec, ber, patterns, seed)
             row["ber"] = ber

@@ -354,16 +354,11 @@ def _plots(s: dict[str, Any], out: Path) -> None:
     for pc, style in ((False, "o-"), (True, "s--")):
         rows = [r for r in s["ptq"] if r["per_channel"] == pc]
         label = "per-row" if pc else "per-tensor"
-        ax.semilogy(
-            [r["bits"] for r in rows], [r["delta_w_norm"] for r in rows], style, label=f"‖dW‖₂ {label}"
-        )
-        ax.plot(
-            [r["bits"] for r in rows],
-            [max(r["margin_quantized"], 1e-6) for r in rows],
-            style,
-            alpha=0.5,
-            label=f"exact μ(W~) {label} (if > 0)",
-        )
+        bits = [r["bits"] for r in rows]
+        ax.plot(bits, [r["delta_w_norm"] for r in rows], style, label=f"‖dW‖₂ {label}")
+        ax.plot(bits, [r["margin_quantized"] for r in rows], style, alpha=0.6, label=f"exact μ(W~) {label}")
+    ax.set_yscale("symlog", linthresh=1e-2)  # μ(W~) < 0 (not monotone) stays visible below zero
+    ax.axhline(0.0, color="grey", lw=0.8)
     mu = s["ptq"][0]["margin"]
     ax.axhline(mu, color="k", lw=1, label=f"μ(W) = {mu:.3f}")
     ax.set_xlabel("bits")

@@ -27,6 +27,7 @@ def certificate_table(rows: Sequence[dict[str, Any]], *, title: str | None = Non
         "PR rate",
         "FB rate",
         "max flips",
+        "max flips, 2 MSBs protected",
     ]
     has_ber = any("ber_certified_share" in r for r in rows)
     if has_ber:
@@ -44,6 +45,7 @@ def certificate_table(rows: Sequence[dict[str, Any]], *, title: str | None = Non
             _f(r.get("pr_rate")),
             _f(r.get("fb_rate")),
             _f(r.get("max_certified_bit_flips"), "d"),
+            _f(r.get("max_certified_bit_flips_msb2_protected"), "d"),
         ]
         if has_ber:
             cells += [_f(r.get("ber_certified_share"), ".2%"), _f(r.get("ber_monotone_share"), ".2%")]
