@@ -220,15 +220,15 @@ def _bits_label(bits: int) -> str:
     return "float" if bits == 32 else f"{bits}-bit"
 
 
-class _TrainProgress:
-    """A rich progress bar fed by the trainer's progress callback."""
+class _RichProgress:
+    """A transient rich progress bar (a context manager that yields itself, or None when disabled)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._progress = None
         self._task = None
 
-    def __enter__(self) -> _TrainProgress | None:
+    def __enter__(self):
         if not self.enabled:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -245,6 +245,14 @@ class _TrainProgress:
         self._progress.__enter__()
         return self
 
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+class _TrainProgress(_RichProgress):
+    """Fed by the trainer's progress callback."""
+
     def __call__(self, epoch: int, step: int, metrics: dict) -> None:
         assert self._progress is not None
         event = metrics.get("event")
@@ -257,10 +265,6 @@ class _TrainProgress:
             )
         elif event == "epoch" and self._task is not None:
             self._progress.update(self._task, info=f"epoch {epoch} test acc {metrics['test_acc']:.3f}")
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
 
 
 # -- evaluate -----------------------------------------------------------------------------------
@@ -342,38 +346,14 @@ def evaluate(
         console.print(f"wrote {out}, {out.with_suffix('.csv')}")
 
 
-class _CampaignProgress:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress = None
-        self._task = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("patterns"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console,
-            transient=True,
-        )
-        self._progress.__enter__()
-        return self
+class _CampaignProgress(_RichProgress):
+    """Fed by the campaign's per-pattern progress callback."""
 
     def __call__(self, p) -> None:
         assert self._progress is not None
         if self._task is None:
             self._task = self._progress.add_task("patterns", total=p.total, info="")
         self._progress.update(self._task, completed=p.done, info=f"BER {p.ber:g}: {p.accuracy:.3f}")
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
 
 
 # -- compare ------------------------------------------------------------------------------------

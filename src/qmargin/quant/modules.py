@@ -145,7 +145,27 @@ class QuantizedTensors(nn.Module):
         return super().train(mode)
 
 
-class QuantLinear(nn.Linear, QuantizedTensors):
+class _QuantizedLayer(QuantizedTensors):
+    """What ``QuantLinear`` and ``QuantConv2d`` share: ``weight``/``bias`` are the float tensors."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def float_tensor(self, name: str) -> Tensor:
+        return getattr(self, name)
+
+    def _copy_float(self, m: nn.Module) -> None:
+        with torch.no_grad():
+            self.weight.copy_(m.weight)
+            if m.bias is not None:
+                self.bias.copy_(m.bias)
+        self.train(m.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, spec={self.quant_specs['weight']}"
+
+
+class QuantLinear(_QuantizedLayer, nn.Linear):
     """``nn.Linear`` whose weight (and optionally bias) is stored as integer codes."""
 
     def __init__(
@@ -175,24 +195,14 @@ class QuantLinear(nn.Linear, QuantizedTensors):
             device=m.weight.device,
             dtype=m.weight.dtype,
         )
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
-        q.train(m.training)
+        q._copy_float(m)
         return q
-
-    def float_tensor(self, name: str) -> Tensor:
-        return getattr(self, name)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.quantized_tensor("weight"), self._maybe_quantized("bias", self.bias))
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, spec={self.quant_specs['weight']}"
 
-
-class QuantConv2d(nn.Conv2d, QuantizedTensors):
+class QuantConv2d(_QuantizedLayer, nn.Conv2d):
     """``nn.Conv2d`` whose weight (and optionally bias) is stored as integer codes.
 
     Per-channel scales run over output channels.
@@ -222,20 +232,10 @@ class QuantConv2d(nn.Conv2d, QuantizedTensors):
             device=m.weight.device,
             dtype=m.weight.dtype,
         )
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
-        q.train(m.training)
+        q._copy_float(m)
         return q
-
-    def float_tensor(self, name: str) -> Tensor:
-        return getattr(self, name)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(
             x, self.quantized_tensor("weight"), self._maybe_quantized("bias", self.bias)
         )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, spec={self.quant_specs['weight']}"
