@@ -106,9 +106,7 @@ def demo(
         mondeq=mondeq,
         log=lambda msg: console.print(msg),
     )
-    console.print(
-        compare_table(result["campaigns"], title=f"accuracy under random bit errors ({repeats} patterns)")
-    )
+    console.print(compare_table(result["campaigns"], title=f"accuracy (%), {repeats} patterns per BER"))
     for label, t in result["train_time_s"].items():
         console.print(f"  training time {label}: {t:.1f} s")
     if result.get("certificates"):
