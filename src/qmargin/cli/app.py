@@ -66,6 +66,11 @@ def parse_int_list(text: str, what: str, *, lo: int, hi: int) -> list[int]:
     return out
 
 
+def _logger(quiet: bool):
+    """``log(msg)`` for the experiments: prints unless ``--quiet``."""
+    return (lambda msg: None) if quiet else console.print
+
+
 def _progress_enabled(quiet: bool) -> bool:
     return not quiet and console.is_terminal
 
@@ -456,7 +461,7 @@ def reproduce_mcel(
     """CE vs MCEL vs MHL vs RandBET vs CE+clipping at 2/4/8 bits under bit errors."""
     from qmargin.experiments.mcel import run_mcel_reproduction
 
-    log = (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+    log = _logger(quiet)
     result = run_mcel_reproduction(
         preset=preset, out_dir=out, data_dir=data_dir, log=log, results_dir=results_dir
     )
@@ -479,7 +484,7 @@ def reproduce_mcel_ablation(
     seed_list = parse_int_list(seeds, "--seeds", lo=0, hi=2**31 - 1)
     from qmargin.experiments.ablation import run_mcel_ablation
 
-    log = (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+    log = _logger(quiet)
     result = run_mcel_ablation(
         out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log
     )
@@ -498,7 +503,7 @@ def reproduce_mondeq(
     """MonDEQ PTQ sweep with certificates, displacement validation, QAT and certified QAT."""
     from qmargin.experiments.mondeq import run_mondeq_reproduction
 
-    log = (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+    log = _logger(quiet)
     result = run_mondeq_reproduction(preset=preset, out_dir=out, log=log, results_dir=results_dir)
     print(result["markdown"])
     console.print(f"results: {out}")

@@ -22,6 +22,7 @@ import numpy as np
 
 from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.experiments.evaluate import error_model_for
+from qmargin.experiments.files import write_text_atomic
 
 __all__ = ["AblationPoint", "default_grid", "run_mcel_ablation", "select_default", "ablation_markdown"]
 
@@ -149,12 +150,14 @@ def run_mcel_ablation(
     )
     result = {"rows": rows, "selected": selected, "markdown": md}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "ablation.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "ablation.json", json.dumps(result, indent=2))
     if results_dir is not None:
         rd = Path(results_dir)
         rd.mkdir(parents=True, exist_ok=True)
-        _atomic(rd / "mcel_ablation.md", md)
-        _atomic(rd / "mcel_ablation.json", json.dumps({k: result[k] for k in ("rows", "selected")}, indent=2))
+        write_text_atomic(rd / "mcel_ablation.md", md)
+        write_text_atomic(
+            rd / "mcel_ablation.json", json.dumps({k: result[k] for k in ("rows", "selected")}, indent=2)
+        )
     return result
 
 
@@ -231,9 +234,3 @@ def ablation_markdown(
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

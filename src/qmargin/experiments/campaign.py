@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
+from qmargin.experiments.files import write_text_atomic
 from qmargin.quant import quantized_modules
 
 __all__ = [
@@ -116,12 +116,6 @@ def load_campaign(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -388,7 +382,7 @@ def run_ber_campaign(
             if count_failures:
                 state["clean_failures"] = fails
             if path is not None:
-                _atomic_write_text(path, _dumps(snapshot("partial")))
+                write_text_atomic(path, _dumps(snapshot("partial")))
 
         total = len(grid) * repeats
         done = sum(len(e["accuracies"]) for e in state["per_ber"])
@@ -419,14 +413,14 @@ def run_ber_campaign(
                         entry["failures"].append(fails)
                     done += 1
                     if path is not None:
-                        _atomic_write_text(path, _dumps(snapshot("partial" if done < total else "complete")))
+                        write_text_atomic(path, _dumps(snapshot("partial" if done < total else "complete")))
                     if progress is not None:
                         progress(CampaignProgress(done, total, ber, r, seeds[r], acc))
                 r0 = chunk.stop
         result = snapshot("complete")
         if path is not None:
-            _atomic_write_text(path, _dumps(result))
-            _atomic_write_text(campaign_csv_path(path), _csv_text(result))
+            write_text_atomic(path, _dumps(result))
+            write_text_atomic(campaign_csv_path(path), _csv_text(result))
         return result
     finally:
         for m in newly_frozen:

@@ -26,6 +26,7 @@ from typing import Any
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.experiments.evaluate import error_model_for
+from qmargin.experiments.files import copy_file_atomic, write_text_atomic
 
 __all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction", "mcel_markdown"]
 
@@ -187,16 +188,16 @@ def run_mcel_reproduction(
         "rows": rows,
     }
     md = mcel_markdown(summary)
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=2))
-    _atomic_text(out / "summary.md", md)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.md", md)
     if results_dir is not None:
         rd = Path(results_dir)
         rd.mkdir(parents=True, exist_ok=True)
-        _atomic_text(rd / f"mcel_{preset}.md", md)
-        _atomic_text(rd / f"mcel_{preset}.json", json.dumps(summary, indent=2))
+        write_text_atomic(rd / f"mcel_{preset}.md", md)
+        write_text_atomic(rd / f"mcel_{preset}.json", json.dumps(summary, indent=2))
         for bits in p.bits:
             src = out / f"accuracy_vs_ber_{bits}bit.png"
-            (rd / f"mcel_{preset}_{bits}bit.png").write_bytes(src.read_bytes())
+            copy_file_atomic(src, rd / f"mcel_{preset}_{bits}bit.png")
     return {"summary": summary, "markdown": md}
 
 
@@ -235,9 +236,3 @@ def mcel_markdown(summary: dict[str, Any]) -> str:
         cells.append(f"{t:.2f}x" if t is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

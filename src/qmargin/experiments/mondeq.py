@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from qmargin.errors import ConfigError
+from qmargin.experiments.files import copy_file_atomic, write_text_atomic
 
 __all__ = ["MonDEQPreset", "PRESETS", "run_mondeq_reproduction", "ptq_certificates", "mondeq_markdown"]
 
@@ -266,8 +267,8 @@ def run_mondeq_reproduction(
                 )
     md = mondeq_markdown(summary)
     _plots(summary, out)
-    _atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _atomic(out / "summary.md", md)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.md", md)
     if results_dir is not None:
         rd = Path(results_dir)
         rd.mkdir(parents=True, exist_ok=True)
@@ -276,10 +277,10 @@ def run_mondeq_reproduction(
             {k: v for k, v in d.items() if k not in ("distances", "bound_full", "bound_paper")}
             for d in summary["displacement"]
         ]
-        _atomic(rd / f"mondeq_{preset}.md", md)
-        _atomic(rd / f"mondeq_{preset}.json", json.dumps(slim, indent=2))
+        write_text_atomic(rd / f"mondeq_{preset}.md", md)
+        write_text_atomic(rd / f"mondeq_{preset}.json", json.dumps(slim, indent=2))
         for name in ("mondeq_margin_vs_bits.png", "mondeq_displacement.png"):
-            (rd / name.replace("mondeq_", f"mondeq_{preset}_")).write_bytes((out / name).read_bytes())
+            copy_file_atomic(out / name, rd / name.replace("mondeq_", f"mondeq_{preset}_"))
     return {"summary": summary, "markdown": md}
 
 
@@ -392,10 +393,4 @@ def _plots(s: dict[str, Any], out: Path) -> None:
 def _savefig(fig, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     tmp.replace(path)
