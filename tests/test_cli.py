@@ -240,3 +240,84 @@ def test_mondeq_train_certify_evaluate_through_cli(tmp_path):
     _one_line_error(run_cli("evaluate", str(run3), "--ber", "0.01", "--bits", "4"), "stored codes")
     result = json.loads((run3 / "ber.json").read_text())
     assert all("failures" in r for r in result["results"])
+
+
+@pytest.mark.parametrize("fmt", ["reference2020", "companion2026"])
+def test_certify_imported_state_dicts(tmp_path, fmt):
+    g = torch.Generator().manual_seed(0)
+    n, d, r, c = 12, 6, 4, 3
+    if fmt == "reference2020":
+        p = "mon.linear_module."
+        sd = {
+            f"{p}U.weight": torch.randn(n, d, generator=g),
+            f"{p}U.bias": torch.randn(n, generator=g),
+            f"{p}A.weight": 0.1 * torch.randn(r, n, generator=g),
+            f"{p}B.weight": 0.1 * torch.randn(n, n, generator=g),
+            "Wout.weight": torch.randn(c, n, generator=g),
+            "Wout.bias": torch.randn(c, generator=g),
+        }
+        extra = ["--m", "0.5"]
+    else:
+        sd = {
+            "mon.core.A": 0.1 * torch.randn(r, n, generator=g),
+            "mon.core.S": 0.1 * torch.randn(n, n, generator=g),
+            "mon.core.m_raw": torch.tensor(0.0),
+            "mon.core.U": torch.randn(n, d, generator=g),
+            "mon.core.b": torch.randn(n, generator=g),
+            "classifier.weight": torch.randn(c, n, generator=g),
+            "classifier.bias": torch.randn(c, generator=g),
+        }
+        extra = []
+    path = tmp_path / f"{fmt}.pt"
+    torch.save(sd, path)
+    out = tmp_path / "cert.json"
+    proc = run_cli("certify", str(path), "--bits", "4,8", "--out", str(out), *extra)
+    assert proc.returncode == 0, proc.stderr
+    cert = json.loads(out.read_text())
+    assert cert["format"] == "imported state dict" and [r["bits"] for r in cert["results"]] == [4, 8]
+    m = 0.5 if fmt == "reference2020" else float(torch.nn.functional.softplus(torch.tensor(0.0))) + 1e-4
+    # W = (1-m)I - A^T A + B - B^T has margin mu = m + lambda_min(A^T A) = m here (r < n: A^T A is singular)
+    assert cert["results"][0]["margin"] == pytest.approx(m, abs=1e-5)
+
+
+def test_evaluate_patterns_per_pass_gives_the_loop_numbers(tmp_path):
+    run = tmp_path / "ce"
+    assert (
+        run_cli(
+            "train",
+            "--dataset",
+            "digits",
+            "--bits",
+            "4",
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            "--quiet",
+            "--device",
+            "cpu",
+        ).returncode
+        == 0
+    )
+    outs = []
+    for k in ("1", "4"):
+        out = tmp_path / f"k{k}.json"
+        proc = run_cli(
+            "evaluate",
+            str(run),
+            "--ber",
+            "0.01,0.05",
+            "--repeats",
+            "4",
+            "--patterns-per-pass",
+            k,
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-plot",
+            "--device",
+            "cpu",
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(out.read_text())["results"])
+    assert [r["accuracies"] for r in outs[0]] == [r["accuracies"] for r in outs[1]]

@@ -294,6 +294,9 @@ def evaluate(
         typer.Option(help="Float runs only: post-training quantize to these bits first (default 8)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    patterns_per_pass: Annotated[
+        int, typer.Option(min=1, help="Evaluate K error patterns in one vmapped pass (pays off for MLPs).")
+    ] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a result file with other settings.")] = False,
@@ -325,6 +328,7 @@ def evaluate(
             overwrite=overwrite,
             progress=progress,
             ptq_bits=bits,
+            patterns_per_pass=patterns_per_pass,
         )
     if "ptq_bits" in result.get("config", {}):
         console.print(

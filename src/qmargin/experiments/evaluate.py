@@ -56,6 +56,7 @@ def evaluate_run(
     overwrite: bool = False,
     progress: Callable[[Any], None] | None = None,
     ptq_bits: int | None = None,
+    patterns_per_pass: int = 1,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -95,6 +96,7 @@ def evaluate_run(
         device=dev,
         progress=progress,
         overwrite=overwrite,
+        patterns_per_pass=patterns_per_pass,
     )
 
 
