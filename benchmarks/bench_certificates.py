@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks_md import write_section
 from qmargin.deq import MonotoneConv, MonotoneMultiConv
 from qmargin.deq.certificates import certify, max_certified_bit_flips
 from qmargin.quant import QuantSpec
@@ -198,20 +199,6 @@ def render(rows: list[dict], info: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 CONV = [(4, 16), (8, 16), (16, 16), (32, 28), (64, 32)]
 MULTI = [(4, 8, 16), (8, 16, 16), (16, 32, 28), (32, 64, 32)]
 
@@ -248,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(rows, info, cmd)
     sys.stdout.write(text)
     if args.write:
-        write_section(text, ROOT / "BENCHMARKS.md")
+        write_section(text, ROOT / "BENCHMARKS.md", SECTION)
 
 
 if __name__ == "__main__":

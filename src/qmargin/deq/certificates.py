@@ -294,16 +294,23 @@ class Certificate:
         return asdict(self)
 
 
-def _pair_norm(a: Tensor | None, a_q: Tensor | None, name: str) -> float | None:
+def _delta(a: Tensor | None, a_q: Tensor | None, name: str) -> Tensor | None:
+    """``a_q - a`` in float64 (complex128 if either is complex); ``None`` when neither is given."""
     if (a is None) != (a_q is None):
         raise ValueError(f"give both {name} and {name}_q, or neither")
     if a is None or a_q is None:
         return None
     if a.shape != a_q.shape:
         raise ValueError(f"{name} and {name}_q differ in shape: {tuple(a.shape)} vs {tuple(a_q.shape)}")
-    d = a_q.to(torch.float64) - a.to(torch.float64) if not (a.is_complex() or a_q.is_complex()) else (
-        a_q.to(torch.complex128) - a.to(torch.complex128)
-    )
+    if a.is_complex() or a_q.is_complex():
+        return a_q.to(torch.complex128) - a.to(torch.complex128)
+    return a_q.to(torch.float64) - a.to(torch.float64)
+
+
+def _pair_norm(a: Tensor | None, a_q: Tensor | None, name: str) -> float | None:
+    d = _delta(a, a_q, name)
+    if d is None:
+        return None
     if name == "b":
         return float(torch.linalg.vector_norm(d))
     return float(spectral_norm(d))
@@ -392,16 +399,6 @@ class DisplacementBound:
             "paper": self.paper.tolist(),
             "margin": self.margin,
         }
-
-
-def _delta(a: Tensor | None, a_q: Tensor | None, name: str) -> Tensor | None:
-    if (a is None) != (a_q is None):
-        raise ValueError(f"give both {name} and {name}_q, or neither")
-    if a is None or a_q is None:
-        return None
-    if a.shape != a_q.shape:
-        raise ValueError(f"{name} and {name}_q differ in shape: {tuple(a.shape)} vs {tuple(a_q.shape)}")
-    return a_q.to(torch.float64) - a.to(torch.float64)
 
 
 def displacement_bound(

@@ -1,0 +1,21 @@
+"""Replace one ``## Section`` of BENCHMARKS.md in place (atomically), keeping every other section."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_section(text: str, path: Path, section: str) -> None:
+    """Put ``text`` (which starts with the heading ``section``) in place of that section of ``path``."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == section), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
