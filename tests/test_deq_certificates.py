@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from qmargin.deq.certificates import (
@@ -305,6 +305,10 @@ def test_sufficient_not_necessary() -> None:
 
 @SETTINGS
 @given(p=params)
+@example(  # found by hypothesis: W~ = c I gives rate 0 with steps ~1e3 (round-off allowance)
+    p={"seed": 5400, "n": 7, "r_frac": 0.5, "m": 0.0625, "sa": 0.0, "sb": 0.0625, "bits": 2,
+       "per_channel": False, "symmetric": False}
+)
 def test_certified_implies_monotone_and_solvers_converge(p) -> None:
     W, W_q, spec = build(p)
     n = W.shape[0]
@@ -335,8 +339,11 @@ def test_certified_implies_monotone_and_solvers_converge(p) -> None:
         (pr_iterate(W_q, U_q, b_q, x, c.pr_step, 300), c.pr_rate),
         (fb_iterate(W_q, U_q, b_q, x, c.fb_step, 300), c.fb_rate),
     ):
+        # round-off allowance scaled to the iterates (an absolute 1e-13 is below float64 resolution
+        # once the first step is ~1e3, e.g. when the rate is 0 because W~ is a multiple of I)
+        eps = 1e-13 * max(1.0, float(steps[0]))
         for k in range(1, len(steps)):
-            assert steps[k] <= rate * steps[k - 1] * (1 + 1e-9) + 1e-13
+            assert steps[k] <= rate * steps[k - 1] * (1 + 1e-9) + eps
         if rate**300 < 1e-9:
             residual = z - torch.relu(z @ W_q.T + x @ U_q.T + b_q)
             assert float(residual.abs().max()) < 1e-6
