@@ -92,7 +92,7 @@ def test_bit_deltas_match_the_word_encoding(spec: QuantSpec) -> None:
 
 
 def test_bit_deltas_agree_with_the_fault_engine() -> None:
-    fx = pytest.importorskip("qmargin.faults.functional")
+    fx = pytest.importorskip("qmargin.quant.codes")
     for bits in (1, 2, 4, 8):
         spec = QuantSpec(bits=bits)
         lo = -1 if bits == 1 else -(2 ** (bits - 1))

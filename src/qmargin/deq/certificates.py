@@ -869,7 +869,8 @@ def certify_under_bit_errors(
     A pattern is *certified* when ``||W~_err - W~||_2 < mu(W~)`` (no solver, Weyl) and *monotone* when
     the exact ``mu(W~_err) > 0``; certified implies monotone.
     """
-    from qmargin.faults.functional import bit_differences, derive_seed, flip_random_bits
+    from qmargin.faults.functional import derive_seed, flip_random_bits
+    from qmargin.quant.codes import bit_differences
 
     if not 0.0 <= float(ber) <= 1.0:
         raise ValueError(f"ber must be in [0, 1], got {ber}")

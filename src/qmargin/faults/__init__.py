@@ -18,22 +18,18 @@ from qmargin.faults.functional import (
     BitSites,
     StuckBits,
     WordPatch,
-    bit_differences,
     derive_seed,
-    exposed_positions,
     flip_bits_,
     flip_random_bits,
     force_bits_,
-    from_words,
     make_generator,
-    popcount,
     sample_bit_sites,
     sample_flips,
     sample_stuck_bits,
     stuck_at,
-    to_words,
 )
 from qmargin.faults.inject import InjectionReport, TensorFaults, inject, select_tensors
+from qmargin.quant.codes import bit_differences, exposed_positions, from_words, popcount, to_words
 
 __all__ = [
     "BitErrorModel",

@@ -1,6 +1,7 @@
 """Functional core of the bit-error model (design.md §2): exact sparse samplers and word edits.
 
-Plain tensors in, plain tensors out. Conventions (docs/bit-conventions.md has the long form):
+Plain tensors in, plain tensors out. The word format lives in :mod:`qmargin.quant.codes`
+(docs/bit-conventions.md has the long form); in short:
 
 * A stored code is one b-bit word, ``1 <= b <= 8``; bit 0 is the least significant bit.
 * ``int8`` codes are symmetric: the word is the low ``b`` bits of the two's complement, so
@@ -39,6 +40,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qmargin.quant.codes import (
+    bit_differences,
+    check_bits,
+    exposed_positions,
+    from_words,
+    popcount,
+    to_words,
+)
+
 __all__ = [
     "derive_seed",
     "make_generator",
@@ -52,11 +62,6 @@ __all__ = [
     "force_bits_",
     "flip_random_bits",
     "stuck_at",
-    "to_words",
-    "from_words",
-    "popcount",
-    "bit_differences",
-    "exposed_positions",
 ]
 
 _SEED_MASK = (1 << 63) - 1
@@ -105,15 +110,9 @@ def make_generator(seed: int | torch.Generator) -> torch.Generator:
 # --------------------------------------------------------------------------------------------
 # words
 # --------------------------------------------------------------------------------------------
-def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-    return bits
-
-
 def _check_codes(codes: Tensor, bits: int) -> bool:
     """Validate ``codes``/``bits``; return True for signed (``int8``) codes."""
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(codes, Tensor):
         raise TypeError(f"codes must be a tensor, got {type(codes).__name__}")
     if codes.dtype == torch.int8:
@@ -130,75 +129,6 @@ def _check_rate(name: str, p: float) -> float:
     if not 0.0 <= p <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {p}")
     return p
-
-
-def to_words(codes: Tensor, bits: int) -> Tensor:
-    """The stored b-bit words of ``codes`` as ``uint8`` (bit 0 = LSB).
-
-    ``int8``, ``b >= 2``: ``word = code mod 2**b`` (two's complement); ``int8``, ``b = 1``:
-    ``word = [code > 0]``; ``uint8``: ``word = code mod 2**b``.
-    """
-    signed = _check_codes(codes, bits)
-    if signed and bits == 1:
-        return (codes > 0).to(torch.uint8)
-    if signed:
-        return (codes.to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
-    return codes & ((1 << bits) - 1)
-
-
-def from_words(words: Tensor, bits: int, signed: bool) -> Tensor:
-    """Decode b-bit ``words`` (any integer dtype, values in ``[0, 2**b)``) into codes.
-
-    ``signed``, ``b >= 2``: sign extension ``code = (w XOR 2**(b-1)) - 2**(b-1)`` in ``int8``
-    (range ``[-2**(b-1), 2**(b-1) - 1]``); ``signed``, ``b = 1``: ``code = 2 w - 1``;
-    unsigned: ``code = w`` in ``uint8``.
-    """
-    _check_bits(bits)
-    if signed and bits == 1:
-        return (words.to(torch.int8) & 1) * 2 - 1
-    if signed:
-        s = 1 << (bits - 1)
-        w = words.to(torch.int16) & ((1 << bits) - 1)
-        return ((w ^ s) - s).to(torch.int8)
-    return (words.to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
-
-
-def popcount(words: Tensor) -> Tensor:
-    """Number of set bits of each 8-bit word (``uint8``/``int8`` in, ``uint8`` out).
-
-    SWAR on bytes: pair sums ``x - ((x >> 1) & 0x55)``, nibble sums ``(x & 0x33) + ((x >> 2) & 0x33)``,
-    byte sum ``(x + (x >> 4)) & 0x0F``.
-    """
-    if words.dtype not in (torch.uint8, torch.int8):
-        raise TypeError(f"popcount works on 8-bit words, got {words.dtype}")
-    x = words.view(torch.uint8)
-    x = x - ((x >> 1) & 0x55)
-    x = (x & 0x33) + ((x >> 2) & 0x33)
-    return (x + (x >> 4)) & 0x0F
-
-
-def bit_differences(a: Tensor, b: Tensor, bits: int) -> int:
-    """Hamming distance between the stored words of two code tensors of the same shape."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(f"code tensors differ: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
-    return int(popcount(to_words(a, bits) ^ to_words(b, bits)).sum(dtype=torch.int64))
-
-
-def exposed_positions(bits: int, protected_bits: Iterable[int] = ()) -> tuple[int, ...]:
-    """Bit positions of a b-bit word that faults can reach, in increasing order.
-
-    ``protected_bits`` lists positions ``0..b-1`` (bit 0 = LSB); negative values count from the
-    most significant bit (``-1`` = bit ``b-1``, the sign bit of a symmetric code).
-    """
-    _check_bits(bits)
-    protected: set[int] = set()
-    for k in protected_bits:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ValueError(f"protected bit positions must be integers, got {k!r}")
-        if not -bits <= k < bits:
-            raise ValueError(f"protected bit {k} does not exist in a {bits}-bit word ({-bits}..{bits - 1})")
-        protected.add(k % bits)
-    return tuple(j for j in range(bits) if j not in protected)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,9 +28,7 @@ from qmargin.faults.error_model import BitErrorModel
 from qmargin.faults.functional import (
     WordPatch,
     _flat_gather,
-    bit_differences,
     derive_seed,
-    exposed_positions,
     flip_bits_,
     force_bits_,
     make_generator,
@@ -38,6 +36,7 @@ from qmargin.faults.functional import (
     sample_stuck_bits,
 )
 from qmargin.quant import QuantizedTensors
+from qmargin.quant.codes import bit_differences, exposed_positions
 
 __all__ = ["inject", "select_tensors", "InjectionReport", "TensorFaults"]
 
