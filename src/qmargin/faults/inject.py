@@ -149,7 +149,7 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     if not isinstance(error_model, ErrorModel):
-        raise TypeError(f"error_model must be an ErrorModel (BitErrorModel), got {type(error_model).__name__}")
+        raise TypeError(f"error_model must be an ErrorModel, got {type(error_model).__name__}")
     targets = select_tensors(model, error_model)
     kinds = [k for k in error_model.fault_kinds() if not k.is_null]
     report = InjectionReport(seed, error_model)
