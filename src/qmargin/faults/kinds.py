@@ -40,8 +40,6 @@ registering it; ``inject`` does not change:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,6 +50,7 @@ from torch import Tensor
 from qmargin.errors import ConfigError
 from qmargin.faults.functional import (
     WordPatch,
+    _check_rate,
     flip_bits_,
     force_bits_,
     sample_flips,
@@ -116,12 +115,11 @@ class FaultKind(ABC):
 
 
 def _rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be in [0, 1], got {value}")
-    return value
+    """``value`` as a float in ``[0, 1]``, else ``ConfigError`` (the sampler's check, as a user error)."""
+    try:
+        return _check_rate(name, value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
