@@ -190,11 +190,17 @@ def test_registry_rejects_duplicates_and_non_kinds(registry):
 
 
 def test_kinds_serialise_through_the_registry(registry):
+    @dataclass(frozen=True)
+    class SubKind(SetBit0):
+        stream: ClassVar[tuple[str, ...]] = ("sub",)
+
     register_fault_kind("set_bit0", SetBit0)
     model = FaultModel((RandomFlips(0.1, 0.0), StuckAt(0.0, 0.2), SetBit0(0.5)), Selection(layers="fc*"))
     d = json.loads(json.dumps(model.to_dict()))
     assert d["kinds"][0] == {"kind": "flips", "p01": 0.1, "p10": 0.0}
     assert FaultModel.from_dict(d) == model
+    with pytest.raises(ConfigError, match="not registered"):
+        FaultModel((SubKind(0.5),)).to_dict()  # inherits SetBit0's name, but is another kind
     with pytest.raises(ConfigError, match="unknown fault kind 'nope'"):
         fault_kind_from_dict({"kind": "nope"})
     with pytest.raises(ConfigError, match="bad parameters"):

@@ -105,9 +105,12 @@ class FaultKind(ABC):
 
     def to_dict(self) -> dict[str, Any]:
         """``{"kind": name, **parameters}`` (dataclass fields); inverse: :func:`fault_kind_from_dict`."""
+        name = vars(type(self)).get("name")  # set on the class itself by register_fault_kind
+        if not name or _REGISTRY.get(name) is not type(self):
+            raise ConfigError(f"fault kind {type(self).__name__} is not registered (register_fault_kind)")
         if not dataclasses.is_dataclass(self):
             raise NotImplementedError(f"{type(self).__name__} must be a dataclass or override to_dict")
-        out: dict[str, Any] = {"kind": self.name}
+        out: dict[str, Any] = {"kind": name}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
