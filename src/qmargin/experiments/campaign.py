@@ -153,7 +153,9 @@ def _data_fingerprint(x: Tensor, y: Tensor) -> str:
 
 def _with_ber(template: Any, ber: float) -> Any:
     """The template error model with its BER replaced."""
-    if hasattr(template, "with_ber"):
+    from qmargin.faults import ErrorModelTemplate
+
+    if isinstance(template, ErrorModelTemplate):
         return template.with_ber(ber)
     return dataclasses.replace(template, ber=ber)
 

@@ -1,19 +1,30 @@
 """Bit errors on stored integer codes (design.md §2).
 
+An error model says *where* faults strike and *what* they do:
+
+* :class:`Selection` (:mod:`qmargin.faults.selection`) — where: layers, exclude, layer types, stored
+  tensors and protected bit positions.
+* fault kinds (:mod:`qmargin.faults.kinds`) — what: the extension point. A kind is a
+  :class:`FaultKind` (``stream``, ``is_null``, ``apply_(codes, bits, generator, protected) ->
+  FaultResult``) registered by name (:func:`register_fault_kind`, :func:`fault_kinds`). Built in:
+  ``"flips"`` (:class:`RandomFlips`, ``p01``/``p10``) and ``"stuck_at"`` (:class:`StuckAt`).
+* :class:`BitErrorModel` — the user-facing model (rates, protected bits, selection) composing a
+  :class:`Selection` with the flips and stuck-at kinds; :class:`FaultModel` composes any kinds.
+  :class:`ErrorModel` is the protocol :func:`inject` takes, :class:`ErrorModelTemplate` the one
+  campaigns sweep over a BER grid (``with_ber``).
+* :func:`inject` — context manager that applies an error model's kinds, in order, to a quantized
+  model's codes in place and restores them exactly on exit. It knows no kind.
 * :mod:`qmargin.faults.functional` — the functional core: exact O(K) samplers of random bit flips
   (:func:`sample_bit_sites`, :func:`sample_flips`) and stuck-at faults (:func:`sample_stuck_bits`),
   restorable in-place edits (:func:`flip_bits_`, :func:`force_bits_` -> :class:`WordPatch`),
-  copy-returning :func:`flip_random_bits` / :func:`stuck_at`, word encoding helpers, and
-  :func:`derive_seed`.
-* :class:`BitErrorModel` — rates, protected bits and which layers / tensors are hit.
-* :func:`inject` — context manager that corrupts a quantized model's codes in place and restores
-  them exactly on exit.
+  copy-returning :func:`flip_random_bits` / :func:`stuck_at`, and :func:`derive_seed`.
 
-Conventions (docs/bit-conventions.md): b-bit words, bit 0 = LSB; ``int8`` codes are two's
-complement (``b = 1``: sign code, word 1 = +1, word 0 = -1), ``uint8`` codes unsigned.
+Conventions (docs/bit-conventions.md; the word codec is :mod:`qmargin.quant.codes`): b-bit words,
+bit 0 = LSB; ``int8`` codes are two's complement (``b = 1``: sign code, word 1 = +1, word 0 = -1),
+``uint8`` codes unsigned.
 """
 
-from qmargin.faults.error_model import WEIGHT_TENSORS, BitErrorModel
+from qmargin.faults.error_model import BitErrorModel, ErrorModel, ErrorModelTemplate, FaultModel
 from qmargin.faults.functional import (
     BitSites,
     StuckBits,
@@ -29,11 +40,32 @@ from qmargin.faults.functional import (
     stuck_at,
 )
 from qmargin.faults.inject import InjectionReport, TensorFaults, inject, select_tensors
+from qmargin.faults.kinds import (
+    FaultKind,
+    FaultResult,
+    RandomFlips,
+    StuckAt,
+    fault_kind_from_dict,
+    fault_kinds,
+    register_fault_kind,
+)
+from qmargin.faults.selection import WEIGHT_TENSORS, Selection
 from qmargin.quant.codes import bit_differences, exposed_positions, from_words, popcount, to_words
 
 __all__ = [
     "BitErrorModel",
+    "FaultModel",
+    "ErrorModel",
+    "ErrorModelTemplate",
+    "Selection",
     "WEIGHT_TENSORS",
+    "FaultKind",
+    "FaultResult",
+    "RandomFlips",
+    "StuckAt",
+    "register_fault_kind",
+    "fault_kinds",
+    "fault_kind_from_dict",
     "inject",
     "select_tensors",
     "InjectionReport",

@@ -1,72 +1,72 @@
-"""`BitErrorModel`: which stored bits fail, and how (design.md §2).
+"""Error models: *where* faults strike (a :class:`Selection`) composed with *what* they do (fault kinds).
 
-A model of the memory a quantized network is deployed on. For every selected stored tensor (integer
-codes in b-bit words, bit 0 = LSB):
+:class:`BitErrorModel` is the user-facing model of the memory a quantized network is deployed on.
+For every selected stored tensor (integer codes in b-bit words, bit 0 = LSB):
 
-* random bit errors: a stored 0 reads as 1 with probability ``p01`` and a stored 1 as 0 with
-  probability ``p10``, independently per bit; both default to the symmetric bit error rate ``ber``;
-* stuck-at faults: each bit is independently stuck at 0 with probability ``stuck_at_0`` and at 1 with
-  probability ``stuck_at_1`` (``stuck_at_0 + stuck_at_1 <= 1``); a stuck bit reads its stuck value
-  whatever was written or flipped (stuck-at acts after the random flips);
+* random bit errors (kind ``"flips"``, :class:`RandomFlips`): a stored 0 reads as 1 with probability
+  ``p01`` and a stored 1 as 0 with probability ``p10``, independently per bit; both default to the
+  symmetric bit error rate ``ber``;
+* stuck-at faults (kind ``"stuck_at"``, :class:`StuckAt`): each bit is independently stuck at 0 with
+  probability ``stuck_at_0`` and at 1 with probability ``stuck_at_1`` (``stuck_at_0 + stuck_at_1 <=
+  1``); a stuck bit reads its stuck value whatever was written or flipped (stuck-at acts after the
+  random flips);
 * ``protected_bits``: bit positions no fault reaches (e.g. ECC-protected sign bits); negative
   positions count from the most significant bit (``-1`` = bit b-1, the sign of a symmetric code).
 
-Selection: a quantized module named ``name`` is hit when ``name`` matches one of the glob patterns
-``layers`` and none of ``exclude`` (``fnmatch``, case-sensitive; the root module is ``""``), and, if
-``layer_types`` is given, its class or one of its base classes has one of those names
-(``"QuantConv2d"``, ``"Conv2d"``, ``"Linear"``, ...). Of such a module, the stored tensors named in
-``tensors`` are hit (default: the weights, ``WEIGHT_TENSORS``; ``("weight", "bias")`` adds biases stored
-as codes); ``tensors=None`` hits every tensor the module stores as codes (MonDEQ layers store ``W``,
-``U``, ``b``). Tensors a module keeps in
-float are never hit: only codes are stored bits.
+Selection (``layers``, ``exclude``, ``layer_types``, ``tensors``, ``protected_bits``): see
+:mod:`qmargin.faults.selection`.
+
+Protocols. :func:`qmargin.faults.inject` takes any :class:`ErrorModel`: an object with a
+``selection``, an ordered ``fault_kinds()``, ``is_null`` and ``to_dict()``. Campaigns sweep a
+template over a BER grid and need an :class:`ErrorModelTemplate` (an ``ErrorModel`` with
+``with_ber``). :class:`BitErrorModel` is both; :class:`FaultModel` is the generic composition of
+any registered fault kinds (a new kind needs no new error model class).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import math
-import numbers
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
-
-from torch import nn
+from functools import cached_property
+from typing import Any, Protocol, runtime_checkable
 
 from qmargin.errors import ConfigError
+from qmargin.faults.kinds import FaultKind, RandomFlips, StuckAt, _rate, fault_kind_from_dict
+from qmargin.faults.selection import WEIGHT_TENSORS, Selection
 
-__all__ = ["BitErrorModel", "WEIGHT_TENSORS"]
-
-WEIGHT_TENSORS: tuple[str, ...] = ("weight", "W", "U")
-"""The stored tensors that count as weights: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of MonDEQ
-layers. Biases (``bias``, MonDEQ ``b``) are hit only when named or with ``tensors=None``."""
+__all__ = ["BitErrorModel", "FaultModel", "ErrorModel", "ErrorModelTemplate", "WEIGHT_TENSORS"]
 
 
-def _rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be in [0, 1], got {value}")
-    return value
+@runtime_checkable
+class ErrorModel(Protocol):
+    """What :func:`qmargin.faults.inject` needs: where (``selection``) and what (``fault_kinds()``).
+
+    ``fault_kinds()`` lists the kinds to apply, in order (later kinds act on what earlier ones left);
+    ``is_null`` is True when no bit can change; ``to_dict()`` is a JSON-ready description (stored in
+    :meth:`qmargin.faults.InjectionReport.to_dict` and in campaign results).
+    """
+
+    @property
+    def selection(self) -> Selection: ...
+
+    @property
+    def is_null(self) -> bool: ...
+
+    def fault_kinds(self) -> Sequence[FaultKind]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
-def _names(name: str, value: Any, *, allow_empty: bool = False) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    try:
-        out = tuple(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be a list of strings, got {value!r}") from None
-    if not all(isinstance(v, str) and v for v in out):
-        raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
-    if not out and not allow_empty:
-        raise ConfigError(f"{name} must not be empty")
-    return out
+@runtime_checkable
+class ErrorModelTemplate(ErrorModel, Protocol):
+    """What a campaign needs from its template: an :class:`ErrorModel` it can set to each BER of a grid."""
+
+    def with_ber(self, ber: float) -> ErrorModelTemplate: ...
 
 
 @dataclass(frozen=True)
 class BitErrorModel:
-    """Bit errors on the stored codes of a quantized model.
+    """Bit errors on the stored codes of a quantized model (random flips, then stuck-at faults).
 
     Args:
         ber: bit error rate p; every exposed bit flips independently with probability p.
@@ -84,6 +84,7 @@ class BitErrorModel:
 
     Strings are accepted where a tuple is expected (``layers="fc"``). Values are validated and
     normalised on construction; mistakes raise :class:`qmargin.errors.ConfigError` (a ``ValueError``).
+    The last five arguments form :attr:`selection`; the rates form :meth:`fault_kinds`.
     """
 
     ber: float = 0.0
@@ -103,38 +104,24 @@ class BitErrorModel:
         for name in ("p01", "p10"):
             value = getattr(self, name)
             put(self, name, None if value is None else _rate(name, value))
-        put(self, "stuck_at_0", _rate("stuck_at_0", self.stuck_at_0))
-        put(self, "stuck_at_1", _rate("stuck_at_1", self.stuck_at_1))
-        if self.stuck_at_0 + self.stuck_at_1 > 1.0 + 1e-12:
-            raise ConfigError(
-                f"stuck_at_0 + stuck_at_1 must be <= 1, got {self.stuck_at_0} + {self.stuck_at_1}"
-            )
-        protected = self.protected_bits
-        if isinstance(protected, int):
-            protected = (protected,)
-        try:
-            protected = tuple(protected)
-        except TypeError:
-            raise ConfigError(f"protected_bits must be a list of bit positions, got {protected!r}") from None
-        for k in protected:
-            if isinstance(k, bool) or not isinstance(k, int) or not -8 <= k <= 7:
-                raise ConfigError(f"protected bit positions must be integers in -8..7, got {k!r}")
-        put(self, "protected_bits", tuple(sorted(set(protected))))
-        put(self, "layers", _names("layers", self.layers))
-        put(self, "exclude", _names("exclude", self.exclude, allow_empty=True))
-        if self.layer_types is not None:
-            types = self.layer_types
-            if isinstance(types, str | type):
-                types = (types,)
-            try:
-                types = tuple(t.__name__ if isinstance(t, type) else t for t in types)
-            except TypeError:
-                raise ConfigError(f"layer_types must be a list of class names, got {types!r}") from None
-            put(self, "layer_types", _names("layer_types", types))
-        if self.tensors is not None:
-            put(self, "tensors", _names("tensors", self.tensors))
+        stuck = StuckAt(self.stuck_at_0, self.stuck_at_1)  # validates both rates and their sum
+        put(self, "stuck_at_0", stuck.stuck_at_0)
+        put(self, "stuck_at_1", stuck.stuck_at_1)
+        selection = Selection(
+            layers=self.layers, exclude=self.exclude, layer_types=self.layer_types,
+            tensors=self.tensors, protected_bits=self.protected_bits,
+        )
+        for name in ("protected_bits", "layers", "exclude", "layer_types", "tensors"):
+            put(self, name, getattr(selection, name))
+        self.__dict__["selection"] = selection  # seeds the cached_property below
 
-    # -- rates --------------------------------------------------------------------------------
+    # -- where --------------------------------------------------------------------------------
+    @cached_property
+    def selection(self) -> Selection:
+        """Where faults strike: layers, exclude, layer_types, tensors and protected bits."""
+        return Selection(self.layers, self.exclude, self.layer_types, self.tensors, self.protected_bits)
+
+    # -- what ---------------------------------------------------------------------------------
     @property
     def rate_01(self) -> float:
         """Probability that a stored 0 reads as 1: ``p01`` if given, else ``ber``."""
@@ -145,43 +132,19 @@ class BitErrorModel:
         """Probability that a stored 1 reads as 0: ``p10`` if given, else ``ber``."""
         return self.ber if self.p10 is None else self.p10
 
-    @property
-    def flips(self) -> bool:
-        """True when random bit flips can happen."""
-        return self.rate_01 > 0.0 or self.rate_10 > 0.0
-
-    @property
-    def stuck(self) -> bool:
-        """True when stuck-at faults can happen."""
-        return self.stuck_at_0 > 0.0 or self.stuck_at_1 > 0.0
+    def fault_kinds(self) -> tuple[FaultKind, ...]:
+        """The kinds that can change a bit, in the order ``inject`` applies them: flips, then stuck-at."""
+        kinds = (RandomFlips(self.rate_01, self.rate_10), StuckAt(self.stuck_at_0, self.stuck_at_1))
+        return tuple(k for k in kinds if not k.is_null)
 
     @property
     def is_null(self) -> bool:
         """True when no bit can change."""
-        return not (self.flips or self.stuck)
+        return not self.fault_kinds()
 
     def with_ber(self, ber: float) -> BitErrorModel:
         """The same model at another symmetric bit error rate (``p01``/``p10`` overrides kept)."""
         return replace(self, ber=ber)
-
-    # -- selection ----------------------------------------------------------------------------
-    def selects_layer(self, name: str, module: nn.Module) -> bool:
-        """Whether the module ``name`` is hit (globs and types only; tensors are separate)."""
-        if not any(fnmatch.fnmatchcase(name, pat) for pat in self.layers):
-            return False
-        if any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude):
-            return False
-        if self.layer_types is not None:
-            mro = {cls.__name__ for cls in type(module).__mro__}
-            return any(t in mro for t in self.layer_types)
-        return True
-
-    def selects_tensors(self, stored: Iterable[str]) -> list[str]:
-        """The names among ``stored`` (a module's ``quant_specs``) that are hit, in their order."""
-        stored = list(stored)
-        if self.tensors is None:
-            return stored
-        return [t for t in stored if t in self.tensors]
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -202,3 +165,49 @@ class BitErrorModel:
         if unknown:
             raise ConfigError(f"unknown bit error model keys {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class FaultModel:
+    """Any fault kinds, applied in the given order, on a :class:`Selection`: the generic error model.
+
+    ``FaultModel((RandomFlips(1e-3, 1e-3), MyKind(...)), Selection(layers="fc*"))``. Serialises
+    through the fault-kind registry: ``{"kinds": [{"kind": name, ...}, ...], "selection": {...}}``.
+    """
+
+    kinds: tuple[FaultKind, ...] = ()
+    selection: Selection = Selection()
+
+    def __post_init__(self) -> None:
+        kinds = tuple(self.kinds) if isinstance(self.kinds, Sequence) else (self.kinds,)
+        for k in kinds:
+            if not isinstance(k, FaultKind):
+                raise ConfigError(f"fault kinds must be FaultKind instances, got {k!r}")
+        object.__setattr__(self, "kinds", kinds)
+        if not isinstance(self.selection, Selection):
+            raise ConfigError(f"selection must be a Selection, got {self.selection!r}")
+
+    def fault_kinds(self) -> tuple[FaultKind, ...]:
+        """The kinds that can change a bit, in order."""
+        return tuple(k for k in self.kinds if not k.is_null)
+
+    @property
+    def is_null(self) -> bool:
+        """True when no bit can change."""
+        return not self.fault_kinds()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``from_dict(to_dict())`` round-trips for registered kinds."""
+        return {"kinds": [k.to_dict() for k in self.kinds], "selection": self.selection.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FaultModel:
+        """Build from :meth:`to_dict` output (kinds looked up in the registry by name)."""
+        if not isinstance(d, dict) or set(d) - {"kinds", "selection"}:
+            raise ConfigError(f"a fault model is a mapping with keys 'kinds' and 'selection', got {d!r}")
+        kinds = tuple(fault_kind_from_dict(k) for k in d.get("kinds", ()))
+        try:
+            selection = Selection(**d.get("selection", {}))
+        except TypeError as e:
+            raise ConfigError(f"bad selection: {e}") from None
+        return cls(kinds, selection)

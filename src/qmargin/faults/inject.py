@@ -6,11 +6,16 @@ tensor ``t`` of every :class:`qmargin.quant.QuantizedTensors` module ``m``, yiel
 also when the body raises. Modules that were not frozen are frozen for the duration and unfrozen
 on exit, so the model computes from its float weights again afterwards.
 
-Streams: tensor ``t`` of layer ``name`` draws its flips from ``derive_seed(seed, name, t)`` and its
-stuck-at faults from ``derive_seed(seed, name, t, "stuck_at")``. A pattern therefore depends only
-on (seed, layer name, tensor name, shape, bits, rates, protected bits): adding, removing or
-re-selecting other layers leaves it unchanged, and models of the same architecture see the same
-patterns for the same seed (paired comparisons; campaigns use seeds ``base, base + 1, ...``).
+``inject`` knows no fault kind: it asks the error model (any :class:`qmargin.faults.ErrorModel`)
+for its ``selection`` (where) and its ordered ``fault_kinds()`` (what, :mod:`qmargin.faults.kinds`)
+and applies every kind to every selected tensor in that order. A new kind needs no change here.
+
+Streams: kind ``k`` draws, for tensor ``t`` of layer ``name``, from a generator seeded with
+``derive_seed(seed, name, t, *k.stream)``: random flips from ``derive_seed(seed, name, t)``, stuck-at
+faults from ``derive_seed(seed, name, t, "stuck_at")``. A pattern therefore depends only on (seed,
+layer name, tensor name, shape, bits, rates, protected bits): adding, removing or re-selecting other
+layers leaves it unchanged, and models of the same architecture see the same patterns for the same
+seed (paired comparisons; campaigns use seeds ``base, base + 1, ...``).
 """
 
 from __future__ import annotations
@@ -24,19 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.errors import ConfigError
-from qmargin.faults.error_model import BitErrorModel
-from qmargin.faults.functional import (
-    WordPatch,
-    _flat_gather,
-    derive_seed,
-    flip_bits_,
-    force_bits_,
-    make_generator,
-    sample_flips,
-    sample_stuck_bits,
-)
+from qmargin.faults.error_model import ErrorModel
+from qmargin.faults.functional import WordPatch, _flat_gather, derive_seed, make_generator
+from qmargin.faults.kinds import FaultKind
 from qmargin.quant import QuantizedTensors
-from qmargin.quant.codes import bit_differences, exposed_positions
+from qmargin.quant.codes import bit_differences, exposed_positions, protected_positions
 
 __all__ = ["inject", "select_tensors", "InjectionReport", "TensorFaults"]
 
@@ -47,7 +44,8 @@ class TensorFaults:
 
     ``n_bits = numel * bits`` stored bits, of which ``n_exposed`` are not protected; ``n_flipped``
     bits flipped by random errors, ``n_stuck`` bits stuck (whether or not their value changed), and
-    ``n_changed`` bits that differ from the clean codes after all faults.
+    ``n_changed`` bits that differ from the clean codes after all faults (the sums of the fault
+    kinds' :class:`qmargin.faults.FaultResult` counts, and the net change of all their patches).
     """
 
     layer: str
@@ -66,7 +64,7 @@ class InjectionReport:
     """Per-tensor fault counts of one injection (``seed`` under ``error_model``)."""
 
     seed: int
-    error_model: BitErrorModel
+    error_model: ErrorModel
     tensors: list[TensorFaults] = field(default_factory=list)
 
     @property
@@ -107,39 +105,41 @@ class InjectionReport:
         }
 
 
-def select_tensors(model: nn.Module, error_model: BitErrorModel) -> list[tuple[str, QuantizedTensors, str]]:
+def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[tuple[str, QuantizedTensors, str]]:
     """``(layer name, module, tensor name)`` of every stored tensor ``error_model`` hits, in module order.
 
-    Raises ``ConfigError`` when nothing is selected (a model without quantized layers, or patterns
-    that match none), since an injection that silently hits nothing would report clean accuracy.
+    The choice is ``error_model.selection``'s (:class:`qmargin.faults.Selection`). Raises
+    ``ConfigError`` when nothing is selected (a model without quantized layers, or patterns that
+    match none), since an injection that silently hits nothing would report clean accuracy.
     """
+    selection = error_model.selection
     found: list[tuple[str, QuantizedTensors, str]] = []
     quantized: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, QuantizedTensors):
             continue
         quantized.append(name)
-        if error_model.selects_layer(name, module):
-            found.extend((name, module, t) for t in error_model.selects_tensors(module.quant_specs))
+        if selection.selects_layer(name, module):
+            found.extend((name, module, t) for t in selection.selects_tensors(module.quant_specs))
     if not found:
         if not quantized:
             raise ConfigError("the model has no quantized layers to inject bit errors into (quantize_model)")
         raise ConfigError(
-            f"the bit error model selects no stored tensor (layers={list(error_model.layers)}, "
-            f"exclude={list(error_model.exclude)}, layer_types={error_model.layer_types}, "
-            f"tensors={error_model.tensors}); quantized layers: {quantized[:8]}"
+            f"the bit error model selects no stored tensor ({selection.describe()}); "
+            f"quantized layers: {quantized[:8]}"
         )
     return found
 
 
 @contextmanager
-def inject(model: nn.Module, error_model: BitErrorModel, seed: int) -> Iterator[InjectionReport]:
+def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[InjectionReport]:
     """Corrupt the stored codes of ``model`` in place for the duration of the ``with`` block.
 
-    For each selected tensor with b-bit codes: random flips (``p01``/``p10``, thinned exactly when
-    they differ) are XORed into the words, then stuck-at faults force their bits; protected bits are
-    never touched. Every edit is recorded as ``(index, old, new)``; on exit the old words are
-    written back in reverse order, which restores the codes bit for bit (also after an exception).
+    For each selected tensor with b-bit codes, the error model's fault kinds are applied in order
+    (for a :class:`BitErrorModel`: random flips, ``p01``/``p10`` thinned exactly when they differ,
+    XORed into the words, then stuck-at faults forcing their bits); protected bits are never
+    touched. Every edit is recorded as ``(index, old, new)``; on exit the old words are written back
+    in reverse order, which restores the codes bit for bit (also after an exception).
 
     Example::
 
@@ -148,9 +148,10 @@ def inject(model: nn.Module, error_model: BitErrorModel, seed: int) -> Iterator[
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(error_model, BitErrorModel):
-        raise TypeError(f"error_model must be a BitErrorModel, got {type(error_model).__name__}")
+    if not isinstance(error_model, ErrorModel):
+        raise TypeError(f"error_model must be an ErrorModel, got {type(error_model).__name__}")
     targets = select_tensors(model, error_model)
+    kinds = [k for k in error_model.fault_kinds() if not k.is_null]
     report = InjectionReport(seed, error_model)
     froze: list[QuantizedTensors] = []
     applied: list[tuple[Tensor, WordPatch]] = []
@@ -162,7 +163,10 @@ def inject(model: nn.Module, error_model: BitErrorModel, seed: int) -> Iterator[
                     froze.append(module)
                 stored = module.stored(tensor)
                 report.tensors.append(
-                    _corrupt_tensor(stored.codes, stored.spec.bits, name, tensor, error_model, seed, applied)
+                    _corrupt_tensor(
+                        stored.codes, stored.spec.bits, name, tensor, error_model.selection.protected_bits,
+                        kinds, seed, applied,
+                    )
                 )
         yield report
     finally:
@@ -178,44 +182,43 @@ def _corrupt_tensor(
     bits: int,
     name: str,
     tensor: str,
-    error_model: BitErrorModel,
+    protected_bits: tuple[int, ...],
+    kinds: list[FaultKind],
     seed: int,
     applied: list[tuple[Tensor, WordPatch]],
 ) -> TensorFaults:
-    """Flips, then stuck-at faults, on one code tensor; appends the patches to ``applied``."""
-    protected = tuple(k for k in error_model.protected_bits if -bits <= k < bits)
-    if len(protected) != len(error_model.protected_bits):
-        bad = [k for k in error_model.protected_bits if k not in protected]
-        raise ConfigError(f"protected bits {bad} do not exist in the {bits}-bit codes of {name}.{tensor}")
-    n_flipped = n_stuck = n_changed = 0
-    if error_model.flips:
-        sites = sample_flips(
-            codes, bits, p01=error_model.rate_01, p10=error_model.rate_10,
-            seed=make_generator(derive_seed(seed, name, tensor)), protected_bits=protected,
-        )
-        applied.append((codes, flip_bits_(codes, bits, sites)))
-        n_flipped = n_changed = sites.n_bits
-    if error_model.stuck:
-        stuck = sample_stuck_bits(
-            codes.numel(), bits, rate_0=error_model.stuck_at_0, rate_1=error_model.stuck_at_1,
-            seed=make_generator(derive_seed(seed, name, tensor, "stuck_at")), protected_bits=protected,
-        )
-        applied.append((codes, force_bits_(codes, bits, stuck)))
-        n_stuck = stuck.n_bits
-        n_changed = _net_changed(applied, codes, bits) if error_model.flips else applied[-1][1].n_changed
+    """Apply ``kinds`` in order to one code tensor; appends the patches to ``applied``."""
+    try:
+        protected = protected_positions(protected_bits, bits)
+    except ValueError:
+        bad = [k for k in protected_bits if not -bits <= k < bits]
+        raise ConfigError(
+            f"protected bits {bad} do not exist in the {bits}-bit codes of {name}.{tensor}"
+        ) from None
+    n_flipped = n_stuck = 0
+    patches: list[WordPatch] = []
+    for kind in kinds:
+        generator = make_generator(derive_seed(seed, name, tensor, *kind.stream))
+        result = kind.apply_(codes, bits, generator, protected)
+        applied.append((codes, result.patch))
+        patches.append(result.patch)
+        n_flipped += result.n_flipped
+        n_stuck += result.n_stuck
+    n_changed = patches[0].n_changed if len(patches) == 1 else _net_changed(patches, codes, bits)
     numel = codes.numel()
     n_exposed = numel * len(exposed_positions(bits, protected))
     return TensorFaults(name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed)
 
 
-def _net_changed(applied: list[tuple[Tensor, WordPatch]], codes: Tensor, bits: int) -> int:
-    """Bits of ``codes`` that differ from before the last two patches (flips, then stuck-at)."""
-    (_, flips), (_, stuck) = applied[-2], applied[-1]
-    index = torch.cat([flips.index, stuck.index])
+def _net_changed(patches: list[WordPatch], codes: Tensor, bits: int) -> int:
+    """Bits of ``codes`` that differ from before the first of ``patches`` (applied in order)."""
+    if not patches:
+        return 0
+    index = torch.cat([p.index for p in patches])
     if not index.numel():
         return 0
     index, first = _first_occurrence(index)
-    original = torch.cat([flips.old, stuck.old])[first]
+    original = torch.cat([p.old for p in patches])[first]
     return bit_differences(original, _flat_gather(codes, index), bits)
 
 
