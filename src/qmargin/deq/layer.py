@@ -60,7 +60,7 @@ class _Recorder:
 
 class _ImplicitEquilibrium(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v: Tensor, weight: Tensor, op: Operator, cfg: _SolveConfig, rec: _Recorder):  # type: ignore[override]
+    def forward(ctx, v: Tensor, weight: Tensor, op: Operator, cfg: _SolveConfig, rec: _Recorder):
         op = op.with_weight(weight.detach())
         z, stats = solve(op, v, cfg.method, cfg.alpha, cfg.tol, cfg.max_iter, cfg.check_every)
         rec.record("forward", stats)
@@ -70,7 +70,7 @@ class _ImplicitEquilibrium(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         z, v, weight = ctx.saved_tensors
         op, cfg = ctx.op, ctx.cfg
         active = (op.matvec(z) + v) > 0
