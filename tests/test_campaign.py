@@ -261,17 +261,17 @@ def test_bad_inputs(model_a, digits, faults_module):
 
 
 class _FlaggedModel(nn.Module):
-    """Wraps a classifier and reports ``last_converged``: False where the logit range is small."""
+    """Wraps a classifier and reports ``converged``: False where the logit range is small."""
 
     def __init__(self, inner: nn.Module, threshold: float) -> None:
         super().__init__()
         self.inner = inner
         self.threshold = threshold
-        self.last_converged: torch.Tensor | None = None
+        self.converged: torch.Tensor | None = None
 
     def forward(self, x):
         z = self.inner(x)
-        self.last_converged = (z.max(1).values - z.min(1).values) > self.threshold
+        self.converged = (z.max(1).values - z.min(1).values) > self.threshold
         return z
 
 
@@ -297,7 +297,7 @@ def test_convergence_failures_count_as_errors(model_a, digits, tmp_path: Path, f
     header = campaign_csv_path(out).read_text().splitlines()[0]
     assert header == "ber,pattern,seed,accuracy,failures"
     # a model without flags cannot be asked to count failures; with count_failures=False flags are ignored
-    with pytest.raises(ConfigError, match="last_converged"):
+    with pytest.raises(ConfigError, match="converged"):
         run_ber_campaign(model_a, xte, yte, bers=[0.0], repeats=1, base_seed=0, count_failures=True)
     plain = run_ber_campaign(model, xte, yte, bers=[0.0], repeats=1, base_seed=0, count_failures=False)
     assert "clean_failures" not in plain and "failures" not in plain["results"][0]

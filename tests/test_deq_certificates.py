@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from qmargin.deq.certificates import (
+from qmargin.deq import (
     Certificate,
     certify,
     conv_frequency_blocks,
@@ -107,7 +107,7 @@ def solve(W, U, b, x, iters: int = 20_000) -> torch.Tensor:
 def padded_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The convention as PyTorch computes it (needs pads no larger than the image)."""
     kh, kw = kernel.shape[-2:]
-    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    ph, pw = kh // 2, kw // 2
     return F.conv2d(F.pad(x, (pw, kw - 1 - pw, ph, kh - 1 - ph), mode="circular"), kernel.to(DT))
 
 
@@ -126,7 +126,7 @@ def dense_of_conv(kernel: torch.Tensor, H: int, Wd: int) -> torch.Tensor:
 def conv_direct(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The documented convention written out as loops over taps."""
     c_out, c_in, kh, kw = kernel.shape
-    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    ph, pw = kh // 2, kw // 2
     y = torch.zeros(c_out, *x.shape[1:], dtype=DT)
     for p in range(kh):
         for q in range(kw):

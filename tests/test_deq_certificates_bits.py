@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from qmargin.deq.certificates import (
+from qmargin.deq import (
     bit_flip_perturbation_bounds,
     code_bit_deltas,
     conv_frequency_blocks,
@@ -338,7 +338,7 @@ def test_per_channel_scales_matter() -> None:
 # ------------------------------------------------------------------------------------------------
 def test_bit_error_campaign_shares() -> None:
     pytest.importorskip("qmargin.faults.functional")
-    from qmargin.deq.certificates import certify_under_bit_errors
+    from qmargin.deq import certify_under_bit_errors
 
     spec = QuantSpec(bits=6, per_channel=True)
     W = mondeq_w(2, 10, 0.3)
@@ -369,7 +369,7 @@ def test_bit_error_campaign_shares() -> None:
 
 def test_bit_error_campaign_matches_a_manual_pattern() -> None:
     faults = pytest.importorskip("qmargin.faults.functional")
-    from qmargin.deq.certificates import certify_under_bit_errors
+    from qmargin.deq import certify_under_bit_errors
 
     spec = QuantSpec(bits=4)
     W = mondeq_w(5, 6, 0.4)
@@ -377,7 +377,7 @@ def test_bit_error_campaign_matches_a_manual_pattern() -> None:
     W_q = dequantize(codes, scale, zp, spec)
     res = certify_under_bit_errors(W_q, codes, scale, zp, spec, 0.05, 3, seed=10)
     for i in range(3):
-        corrupted = faults.flip_random_bits(codes, 4, 0.05, seed=faults.derive_seed(10 + i, "W"))
+        corrupted = faults.flip_random_bits(codes, 4, 0.05, seed=faults.derive_seed(10 + i, "mon.core", "W"))
         W_err = dequantize(corrupted, scale, zp, spec)
         assert res.margins[i] == pytest.approx(float(monotonicity_margin(W_err)), abs=1e-12)
         assert res.delta_norms[i] == pytest.approx(float(spectral_norm(W_err - W_q)), abs=1e-12)
@@ -385,7 +385,7 @@ def test_bit_error_campaign_matches_a_manual_pattern() -> None:
 
 def test_bit_error_campaign_with_an_assembled_conv_operator() -> None:
     pytest.importorskip("qmargin.faults.functional")
-    from qmargin.deq.certificates import certify_under_bit_errors
+    from qmargin.deq import certify_under_bit_errors
 
     g = torch.Generator().manual_seed(1)
     C, grid = 3, (5, 5)
@@ -411,7 +411,7 @@ def test_bit_error_campaign_with_an_assembled_conv_operator() -> None:
 def test_every_bit_pattern_small_enough_is_certified() -> None:
     """Tie the two together: patterns with at most max_flips flips are always certified."""
     pytest.importorskip("qmargin.faults.functional")
-    from qmargin.deq.certificates import certify_under_bit_errors
+    from qmargin.deq import certify_under_bit_errors
 
     spec = QuantSpec(bits=8, per_channel=True)
     W = mondeq_w(7, 8, 0.6)

@@ -424,8 +424,21 @@ def certify(
         float | None, typer.Option(help="Also certify under random bit errors at this BER.")
     ] = None,
     patterns: Annotated[int, typer.Option(min=1, help="Error patterns for --ber.")] = 100,
+    seed: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Base seed of the --ber patterns: pattern r flips the bits 'qmargin evaluate --seed SEED' "
+            "flips in its pattern r (same codes, paired).",
+        ),
+    ] = 0,
 ) -> None:
-    """Certificates of a MonDEQ quantized at several bit widths, from the weights alone."""
+    """Certificates of a MonDEQ quantized at several bit widths, from the weights alone.
+
+    With --ber, pattern r is drawn exactly as a bit-error campaign draws its pattern r with the same
+    --seed (the stored W of the MonDEQ core, seed SEED + r), so certified shares and campaign
+    accuracies refer to the same corrupted codes.
+    """
     bit_list = parse_int_list(bits, "--bits", lo=1, hi=16)
     if ber is not None and not 0.0 <= ber <= 1.0:
         raise ConfigError(f"--ber must be in [0, 1], got {ber}")
@@ -433,7 +446,7 @@ def certify(
     from qmargin.report.certificates import certificate_table
 
     result = certify_checkpoint(
-        checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns
+        checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed
     )
     console.print(certificate_table(result["results"], title=f"{checkpoint}: quantization certificates"))
     if out is not None:

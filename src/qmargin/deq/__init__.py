@@ -1,24 +1,31 @@
 """Monotone operator equilibrium networks (MonDEQ): parameterizations, splitting solvers, implicit
-backward, classifier, checkpoint importers and quantization certificates (design.md §5).
+backward, classifier, checkpoint importers, quantization and bit-error certificates (design.md §5).
+
+``spectral`` is the one home of ``mu(W)``, ``L(W)``, ``||.||_2`` and the per-frequency blocks;
+``certificates`` (quantization) and ``bit_certificates`` (bit errors; the only importer of
+``qmargin.faults``) build on it.
 
 Imports only ``qmargin.quant`` / ``qmargin.faults`` / ``qmargin.errors`` of qmargin.
 """
 
-from qmargin.deq.certificates import (
+from qmargin.deq.bit_certificates import (
     BitErrorCertificate,
     BitFlipCertificate,
+    bit_error_pattern,
+    bit_flip_perturbation_bounds,
+    certify_under_bit_errors,
+    code_bit_deltas,
+    max_certified_bit_flips,
+)
+from qmargin.deq.certificates import (
     Certificate,
     DisplacementBound,
     SolverRates,
-    bit_flip_perturbation_bounds,
     certify,
-    certify_under_bit_errors,
-    code_bit_deltas,
     conv_frequency_blocks,
     displacement_bound,
     fb_rate,
     lipschitz_constant,
-    max_certified_bit_flips,
     monotonicity_margin,
     pr_rate,
     residual_error_bound,
@@ -42,13 +49,7 @@ from qmargin.deq.monotone import (
     MonotoneParameterization,
     assemble_fc_W,
 )
-from qmargin.deq.operators import (
-    ConvOperator,
-    DenseOperator,
-    blocks_margin_and_norm,
-    conv_blocks,
-    dense_margin_and_norm,
-)
+from qmargin.deq.operators import ConvOperator, DenseOperator, Operator
 from qmargin.deq.solvers import (
     ConvergenceError,
     SolverStats,
@@ -57,6 +58,7 @@ from qmargin.deq.solvers import (
     solve,
     solve_adjoint,
 )
+from qmargin.deq.spectral import conv_blocks, margin_and_lipschitz
 
 __all__ = [
     "monotonicity_margin",
@@ -78,17 +80,18 @@ __all__ = [
     "BitFlipCertificate",
     "max_certified_bit_flips",
     "BitErrorCertificate",
+    "bit_error_pattern",
     "certify_under_bit_errors",
     "MonotoneParameterization",
     "MonotoneLinear",
     "MonotoneConv",
     "MonotoneMultiConv",
     "assemble_fc_W",
+    "Operator",
     "DenseOperator",
     "ConvOperator",
     "conv_blocks",
-    "dense_margin_and_norm",
-    "blocks_margin_and_norm",
+    "margin_and_lipschitz",
     "SolverStats",
     "ConvergenceError",
     "default_alpha",

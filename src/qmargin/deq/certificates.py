@@ -25,22 +25,21 @@ What is certified:
 * **equilibrium displacement** (:func:`displacement_bound`), valid for the full perturbation
   (``dW``, ``dU`` and ``db``), on every sample.
 * **solver rates** with ``(mu(W~), L(W~))`` and the step sizes they imply (:func:`solver_rates`).
-* **bit errors in the stored codes** (beyond the paper): the largest number of *arbitrary* bit flips
-  that provably keep ``W~`` monotone (:func:`max_certified_bit_flips`), and the share of random error
-  patterns at a bit error rate that stay certified / monotone (:func:`certify_under_bit_errors`).
+
+Bit errors in the stored codes (beyond the paper) are certified in :mod:`qmargin.deq.bit_certificates`.
+The formulas of ``mu``, ``L``, ``||.||_2`` and the per-frequency blocks live once, in
+:mod:`qmargin.deq.spectral`; the functions here check their arguments and run them in float64.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from qmargin.quant import QuantSpec, dequantize
+from qmargin.deq import spectral
 
 __all__ = [
     "monotonicity_margin",
@@ -57,19 +56,13 @@ __all__ = [
     "DisplacementBound",
     "displacement_bound",
     "residual_error_bound",
-    "code_bit_deltas",
-    "bit_flip_perturbation_bounds",
-    "BitFlipCertificate",
-    "max_certified_bit_flips",
-    "BitErrorCertificate",
-    "certify_under_bit_errors",
 ]
 
 
 # --------------------------------------------------------------------------------------------------
 # Operators: dense matrices and stacks of per-frequency blocks
 # --------------------------------------------------------------------------------------------------
-def _as_operator(W: Tensor, name: str = "W") -> Tensor:
+def as_operator(W: Tensor, name: str = "W") -> Tensor:
     """``W`` as float64 / complex128, checked to be ``(n, n)`` or ``(F, c, c)``."""
     if not isinstance(W, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
@@ -86,16 +79,7 @@ def _as_operator(W: Tensor, name: str = "W") -> Tensor:
     return W
 
 
-def _i_minus(W: Tensor) -> Tensor:
-    eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
-    return eye - W
-
-
-def _hermitian_part(M: Tensor) -> Tensor:
-    return (M + M.mH) / 2
-
-
-def _check_same_form(W: Tensor, W_q: Tensor) -> None:
+def check_same_form(W: Tensor, W_q: Tensor) -> None:
     if W.shape != W_q.shape:
         raise ValueError(
             f"W and W_q must have the same form and shape, got {tuple(W.shape)} and {tuple(W_q.shape)}"
@@ -106,12 +90,12 @@ def monotonicity_margin(W: Tensor) -> Tensor:
     """Monotonicity margin ``mu(W) = lambda_min((I - W + (I - W)^H) / 2)`` (design.md §5).
 
     ``W`` is a dense ``(n, n)`` matrix or a ``(F, c, c)`` stack of per-frequency blocks; for blocks
-    ``mu = min_f lambda_min(Herm(I - W_f))``. Computed exactly with a (batched) ``eigvalsh`` in
-    float64 / complex128. Returns a 0-d float64 tensor (differentiable where the smallest eigenvalue
-    is simple). ``mu(W) > 0`` means ``F(z) = (I - W) z - (U x + b)`` is ``mu``-strongly monotone.
+    ``mu = min_f lambda_min(Herm(I - W_f))``. :func:`qmargin.deq.spectral.margin` in float64 /
+    complex128 on a checked operator. Returns a 0-d float64 tensor (differentiable where the smallest
+    eigenvalue is simple). ``mu(W) > 0`` means ``F(z) = (I - W) z - (U x + b)`` is ``mu``-strongly
+    monotone.
     """
-    W = _as_operator(W)
-    return torch.linalg.eigvalsh(_hermitian_part(_i_minus(W)))[..., 0].min()
+    return spectral.margin(as_operator(W))
 
 
 def sym_max_eigenvalue(D: Tensor) -> Tensor:
@@ -119,8 +103,7 @@ def sym_max_eigenvalue(D: Tensor) -> Tensor:
 
     Weyl: ``mu(W + D) >= mu(W) - lambda_max(Herm(D))`` and ``lambda_max(Herm(D)) <= ||D||_2``.
     """
-    D = _as_operator(D, "D")
-    return torch.linalg.eigvalsh(_hermitian_part(D))[..., -1].max()
+    return spectral.sym_max_eigenvalue(as_operator(D, "D"))
 
 
 def spectral_norm(D: Tensor) -> Tensor:
@@ -128,7 +111,8 @@ def spectral_norm(D: Tensor) -> Tensor:
 
     * 1-D: the Euclidean norm of the vector;
     * 2-D ``(m, n)``: the largest singular value (any shape, e.g. ``dU``);
-    * 3-D ``(F, m, n)``: block-diagonal operator, the max over blocks of their largest singular values.
+    * 3-D ``(F, m, n)``: block-diagonal operator, the max over blocks of their largest singular values
+      (:func:`qmargin.deq.spectral.spectral_norm`).
     """
     if not isinstance(D, Tensor):
         raise TypeError(f"D must be a torch.Tensor, got {type(D).__name__}")
@@ -139,12 +123,12 @@ def spectral_norm(D: Tensor) -> Tensor:
         return torch.linalg.vector_norm(D)
     if D.dim() not in (2, 3):
         raise ValueError(f"spectral_norm expects a vector, a matrix or a stack of blocks, got {D.dim()}-D")
-    return torch.linalg.matrix_norm(D, ord=2).max()
+    return spectral.spectral_norm(D)
 
 
 def lipschitz_constant(W: Tensor) -> Tensor:
     """Lipschitz constant ``L(W) = ||I - W||_2`` (max over blocks for a per-frequency stack)."""
-    return spectral_norm(_i_minus(_as_operator(W)))
+    return spectral.lipschitz(as_operator(W))
 
 
 def conv_frequency_blocks(
@@ -152,26 +136,15 @@ def conv_frequency_blocks(
 ) -> Tensor:
     """Per-frequency blocks of one circular 2-D convolution: a complex128 ``(F, C_out, C_in)`` stack.
 
-    Convention (PyTorch's cross-correlation with circular padding, kernel centred at
-    ``(ph, pw) = ((kh - 1) // 2, (kw - 1) // 2)``)::
-
-        y = F.conv2d(F.pad(x, (pw, kw - 1 - pw, ph, kh - 1 - ph), mode="circular"), kernel)
-        y[o, i, j] = sum_{c, p, q} kernel[o, c, p, q] * x[c, (i + p - ph) mod H, (j + q - pw) mod W]
-
-    (for odd kernels this is ``F.pad(x, (k // 2,) * 4, mode="circular")``). With the DFT of every
-    channel, ``X[c, u, v] = sum_{i, j} x[c, i, j] exp(-2 pi i (u i / H + v j / W))`` (``torch.fft.fft2``),
-    the convolution acts frequency by frequency, ``Y[:, u, v] = K_(u, v) X[:, u, v]``, with the
-    ``C_out x C_in`` block
-
-        K_(u, v)[o, c] = sum_{p, q} kernel[o, c, p, q] exp(+2 pi i (u (p - ph) / H + v (q - pw) / W)).
-
-    The unitary DFT is the same on input and output, so singular values (and, for ``C_out == C_in``,
-    the spectrum of the Hermitian part of ``I - W``) of the ``(C H W)``-dimensional operator are those
-    of the blocks taken together. Blocks are ordered ``f = u * W + v``. Kernels larger than the image
-    wrap around (taps add up), exactly as the convolution of a circularly padded image would.
+    :func:`qmargin.deq.spectral.conv_blocks` (the one block builder, kernel centred at
+    ``(kh // 2, kw // 2)`` as :func:`qmargin.deq.operators.circular_conv2d` applies it) in complex128,
+    checked and flattened to ``F = H * W`` blocks ordered ``f = u * W + v``. The unitary DFT is the
+    same on input and output, so singular values (and, for ``C_out == C_in``, the spectrum of the
+    Hermitian part of ``I - W``) of the ``(C H W)``-dimensional operator are those of the blocks taken
+    together. Kernels larger than the image wrap around (taps add up).
 
     Args:
-        kernel: ``(C_out, C_in, kh, kw)`` real tensor.
+        kernel: ``(C_out, C_in, kh, kw)`` tensor.
         spatial_shape: ``(H, W)`` of the image the operator acts on.
         onesided: keep only ``v = 0 .. W // 2`` (``F = H * (W // 2 + 1)``). For a real kernel the
             dropped blocks are complex conjugates of kept ones, which have the same singular values
@@ -182,20 +155,11 @@ def conv_frequency_blocks(
     H, Wd = (int(s) for s in spatial_shape)
     if H < 1 or Wd < 1:
         raise ValueError(f"spatial_shape must be positive, got {spatial_shape}")
-    c_out, c_in, kh, kw = kernel.shape
-    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    if onesided and kernel.is_complex():
+        raise ValueError("onesided=True needs a real kernel")
     k = kernel.to(torch.complex128) if kernel.is_complex() else kernel.to(torch.float64)
-    grid = torch.zeros((c_out, c_in, H, Wd), dtype=k.dtype, device=k.device)
-    for p in range(kh):
-        for q in range(kw):
-            grid[:, :, (p - ph) % H, (q - pw) % Wd] += k[:, :, p, q]
-    if onesided:
-        if k.is_complex():
-            raise ValueError("onesided=True needs a real kernel")
-        khat = torch.fft.rfft2(grid).conj().resolve_conj()
-    else:
-        khat = torch.fft.ifft2(grid) * (H * Wd)
-    return khat.permute(2, 3, 0, 1).reshape(-1, c_out, c_in)
+    blocks = spectral.conv_blocks(k, (H, Wd), half=onesided)
+    return blocks.reshape(-1, kernel.shape[0], kernel.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,9 +300,9 @@ def certify(
     Hermitian part; per block for a stack), so ``||dW||_2 < mu(W)`` proves ``mu(W~) > 0`` without a
     solver. ``mu(W~)`` is reported exactly beside it.
     """
-    Wf = _as_operator(W, "W")
-    Wq = _as_operator(W_q, "W_q")
-    _check_same_form(Wf, Wq)
+    Wf = as_operator(W, "W")
+    Wq = as_operator(W_q, "W_q")
+    check_same_form(Wf, Wq)
     if Wf.is_complex() != Wq.is_complex():
         Wf, Wq = Wf.to(torch.complex128), Wq.to(torch.complex128)
     dW = Wq - Wf
@@ -453,9 +417,9 @@ def displacement_bound(
     Raises:
         ValueError: if ``mu(W) <= 0`` (no strong monotonicity, no bound) or shapes disagree.
     """
-    Wf = _as_operator(W, "W")
-    Wq = _as_operator(W_q, "W_q")
-    _check_same_form(Wf, Wq)
+    Wf = as_operator(W, "W")
+    Wq = as_operator(W_q, "W_q")
+    check_same_form(Wf, Wq)
     if Wf.dim() != 2:
         raise ValueError("displacement_bound needs dense (n, n) operators")
     n = Wf.shape[0]
@@ -507,7 +471,7 @@ def residual_error_bound(
     ``mu ||w - z*||^2 <= ||W r|| ||w - z*||``. It turns a solver's stopping residual into a rigorous
     distance, e.g. to account for solver tolerance when checking :func:`displacement_bound`.
     """
-    Wf = _as_operator(W, "W")
+    Wf = as_operator(W, "W")
     if Wf.dim() != 2:
         raise ValueError("residual_error_bound needs a dense (n, n) operator")
     mu = float(monotonicity_margin(Wf))
@@ -521,395 +485,3 @@ def residual_error_bound(
         pre = pre + b.to(torch.float64).reshape(-1)
     r = zz - torch.relu(pre)
     return torch.linalg.vector_norm(r, dim=1) + torch.linalg.vector_norm(r @ Wf.T, dim=1) / mu
-
-
-# --------------------------------------------------------------------------------------------------
-# Bit errors in the stored codes (beyond the paper)
-# --------------------------------------------------------------------------------------------------
-def _as_spec(spec: QuantSpec | int) -> QuantSpec:
-    if isinstance(spec, QuantSpec):
-        return spec
-    if isinstance(spec, bool) or not isinstance(spec, int):
-        raise TypeError(f"spec must be a QuantSpec or a bit width, got {spec!r}")
-    return QuantSpec(bits=spec)
-
-
-def code_bit_deltas(codes: Tensor, spec: QuantSpec | int, protected_bits: Sequence[int] = ()) -> Tensor:
-    """Signed change of every stored code when one of its bits flips: ``(*codes.shape, bits)`` float64.
-
-    Bit ``j`` (bit 0 = least significant) of a word has weight ``w_j = 2^j``, except the most
-    significant bit of a symmetric (two's complement) word, whose weight is ``-2^(b-1)``; the 1-bit
-    sign code (``code = 2 * bit - 1``) has weight 2. Flipping bit ``j`` changes the code by
-    ``w_j (1 - 2 bit_j)``: ``+w_j`` for 0 -> 1, ``-w_j`` for 1 -> 0. Flips in one word add up, so a set
-    ``S`` of flips changes the code by ``sum_{j in S} w_j (1 - 2 bit_j)``; the dequantized weight
-    changes by ``scale`` times that (the zero point cancels). Protected bits get a change of 0.
-    """
-    spec = _as_spec(spec)
-    bits = spec.bits
-    c = codes.to(torch.int64)
-    if spec.symmetric and bits == 1:
-        if bool(((c != 1) & (c != -1)).any()):
-            raise ValueError("1-bit sign codes must be -1 or +1")
-        bit_vals = ((c + 1) // 2).unsqueeze(-1)
-        weights = torch.tensor([2.0], dtype=torch.float64)
-    else:
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if spec.symmetric else (0, 2**bits - 1)
-        if bool(((c < lo) | (c > hi)).any()):
-            raise ValueError(f"codes outside the {bits}-bit word range [{lo}, {hi}]")
-        u = c & (2**bits - 1)  # two's complement bit pattern of a b-bit word
-        shifts = torch.arange(bits, dtype=torch.int64)
-        bit_vals = (u.unsqueeze(-1) >> shifts) & 1
-        weights = 2.0 ** torch.arange(bits, dtype=torch.float64)
-        if spec.symmetric:
-            weights[-1] = -weights[-1]
-    deltas = weights * (1 - 2 * bit_vals).to(torch.float64)
-    for j in _protected(protected_bits, bits):
-        deltas[..., j] = 0.0
-    return deltas
-
-
-def _protected(protected_bits: Sequence[int], bits: int) -> set[int]:
-    """Protected positions as ``0..b-1`` (negative values count from the MSB: ``-1`` = bit ``b - 1``)."""
-    out: set[int] = set()
-    for j in protected_bits:
-        if isinstance(j, bool) or not isinstance(j, int) or not -bits <= j < bits:
-            raise ValueError(f"protected bit {j!r} does not exist in a {bits}-bit word")
-        out.add(j % bits)
-    return out
-
-
-def _word_max_change(deltas: Tensor) -> Tensor:
-    """``A(m) = max over <= m flips of |code change|`` for ``m = 0..b``: ``(..., b + 1)``.
-
-    A set of flips changes a word by the sum of its bits' signed deltas; the absolute value is at most
-    the larger of its positive and its negative parts, so the maximum over ``<= m`` flips is
-    ``max(sum of the m largest positive deltas, sum of the m largest |negative| deltas)``, attained.
-    """
-    pos = torch.sort(deltas.clamp(min=0.0), dim=-1, descending=True).values
-    neg = torch.sort((-deltas).clamp(min=0.0), dim=-1, descending=True).values
-    zero = torch.zeros((*deltas.shape[:-1], 1), dtype=deltas.dtype)
-    return torch.cat([zero, torch.maximum(pos.cumsum(-1), neg.cumsum(-1))], dim=-1)
-
-
-def _concave_slopes(G: np.ndarray) -> np.ndarray:
-    """Slopes of the least concave majorant of each row of ``G`` (rows start at 0 and are nondecreasing).
-
-    Output ``(rows, M)``: slope ``i`` is ``G^(i + 1) - G^(i)`` of the majorant ``G^ >= G``, nonincreasing
-    along a row (upper hull, monotone chain, one row at a time).
-    """
-    rows, L = G.shape
-    out = np.empty((rows, L - 1), dtype=np.float64)
-    for r in range(rows):
-        g = G[r]
-        hull = [0]
-        for i in range(1, L):
-            while len(hull) >= 2:
-                i0, i1 = hull[-2], hull[-1]
-                # drop i1 if it lies on or below the chord i0 -> i
-                if (g[i1] - g[i0]) * (i - i0) <= (g[i] - g[i0]) * (i1 - i0):
-                    hull.pop()
-                else:
-                    break
-            hull.append(i)
-        for a, c in zip(hull[:-1], hull[1:], strict=True):
-            out[r, a:c] = (g[c] - g[a]) / (c - a)
-    return out
-
-
-def _scales_per_row(scale: Tensor, codes: Tensor) -> Tensor:
-    s = scale.detach().to(torch.float64).reshape(-1)
-    if s.numel() == 1:
-        s = s.expand(codes.shape[0])
-    elif s.numel() != codes.shape[0]:
-        raise ValueError(
-            f"scale must be one value or one per output channel ({codes.shape[0]}), got {s.numel()}"
-        )
-    if bool((s < 0).any()):
-        raise ValueError("scales must be nonnegative")
-    return s.contiguous()
-
-
-class _TopKSum:
-    """``k -> sum of the k largest values`` of a multiset given as (values >= 0, multiplicities)."""
-
-    def __init__(self, values: Tensor, counts: Tensor) -> None:
-        values = values.reshape(-1).to(torch.float64)
-        counts = counts.reshape(-1).to(torch.int64)
-        keep = (counts > 0) & (values > 0)
-        values, counts = values[keep], counts[keep]
-        order = torch.argsort(values, descending=True)
-        self.values = values[order]
-        self.cum_count = torch.cumsum(counts[order], 0)
-        self.cum_sum = torch.cumsum(self.values * counts[order].to(torch.float64), 0)
-
-    def __call__(self, ks: Tensor) -> Tensor:
-        ks = ks.to(torch.int64)
-        out = torch.zeros(ks.shape, dtype=torch.float64)
-        if self.values.numel() == 0:
-            return out
-        i = torch.searchsorted(self.cum_count, ks, right=False).clamp(max=self.values.numel() - 1)
-        before_count = torch.where(i > 0, self.cum_count[(i - 1).clamp(min=0)], torch.zeros_like(i))
-        before_sum = torch.where(i > 0, self.cum_sum[(i - 1).clamp(min=0)], torch.zeros_like(out))
-        take = (ks - before_count).clamp(min=0)
-        total = before_sum + take.to(torch.float64) * self.values[i]
-        return torch.minimum(total, self.cum_sum[-1].expand_as(total))
-
-
-class _FlipBound:
-    """The bound ``beta(k)`` of :func:`bit_flip_perturbation_bounds`, evaluated at any ``k``."""
-
-    def __init__(self, codes: Tensor, scale: Tensor, spec: QuantSpec, protected_bits: Sequence[int]) -> None:
-        if codes.dim() not in (2, 4):
-            raise ValueError(
-                f"codes must be a dense (n, n) W or a (C_out, C_in, kh, kw) kernel, got {codes.dim()}-D"
-            )
-        s = _scales_per_row(scale, codes)
-        rows = codes.shape[0]
-        per_row = codes.numel() // rows
-        # (1) single-bit changes: bit j of a word in row r changes it by |w_j| s_r (sign aside)
-        probe = torch.ones(1, dtype=torch.int64) if spec.symmetric else torch.zeros(1, dtype=torch.int64)
-        bit_sizes = code_bit_deltas(probe, spec, protected_bits).abs()[0]
-        self.l1 = _TopKSum(s[:, None] * bit_sizes[None, :], torch.full((rows, spec.bits), per_row))
-        if codes.dim() == 2:
-            # word profiles A(m) depend only on the code: one per distinct code, scaled per row
-            uniq, inverse = torch.unique(codes.to(torch.int64), return_inverse=True)
-            prof = _word_max_change(code_bit_deltas(uniq, spec, protected_bits))  # (U, b+1)
-            present = torch.zeros(rows, uniq.numel(), dtype=torch.int64)
-            present.scatter_add_(1, inverse.reshape(rows, -1), torch.ones_like(inverse.reshape(rows, -1)))
-            slopes = torch.from_numpy(_concave_slopes((prof**2).numpy()))  # (U, b)
-            self.env = _TopKSum(
-                (s**2)[:, None, None] * slopes[None, :, :], present[:, :, None].expand(-1, -1, spec.bits)
-            )
-            # largest single-word change per m: max over (row, code present in the row)
-            best = (s[:, None, None] * prof[None, :, :]).masked_fill((present == 0)[:, :, None], 0.0)
-            self.amax = best.amax(dim=(0, 1))  # (b+1,)
-        else:
-            # a group (o, c) of T = kh kw taps: a_g = sum_t |dK_t| <= scale_o * (sum of the m largest
-            # single-bit sizes among its T words), one profile P(m) for every group of the row
-            c_out, c_in, kh, kw = codes.shape
-            sizes = torch.sort(bit_sizes.repeat(kh * kw), descending=True).values
-            prof = torch.cat([torch.zeros(1, dtype=torch.float64), sizes.cumsum(0)])  # (T b + 1,)
-            slopes = torch.from_numpy(_concave_slopes((prof**2)[None, :].numpy()))[0]  # (T b,)
-            self.env = _TopKSum(
-                (s**2)[:, None] * slopes[None, :], torch.full((rows, slopes.numel()), c_in)
-            )
-            self.amax = s.max() * prof
-
-    def __call__(self, ks: Tensor) -> Tensor:
-        ks = ks.to(torch.int64)
-        env = self.env(ks).clamp(min=0.0).sqrt()
-        amax = self.amax[ks.clamp(max=self.amax.numel() - 1)]
-        mixed = (amax * self.l1(ks)).clamp(min=0.0).sqrt()
-        return torch.minimum(env, mixed)
-
-
-def bit_flip_perturbation_bounds(
-    codes: Tensor,
-    scale: Tensor,
-    spec: QuantSpec | int,
-    k_max: int,
-    *,
-    protected_bits: Sequence[int] = (),
-) -> Tensor:
-    """Upper bounds ``beta(k)`` on ``||dW||_2`` over *all* patterns of ``<= k`` bit flips, ``k = 0..k_max``.
-
-    Stored form: ``codes`` of ``W`` itself (``(n, n)``: ``dW = scale * dcode`` entrywise) or of the
-    kernel ``K`` (``(C_out, C_in, kh, kw)``) of a circular convolution that enters ``W`` linearly with
-    coefficient +-1 (any image size). ``scale`` is per tensor or per output channel (dim 0). Protected
-    bits never flip. Returns float64 ``(k_max + 1,)``, nondecreasing, ``beta(0) = 0``.
-
-    Groups. Dense: a group is one word ``e`` and ``||dW||_2 <= ||dW||_F = sqrt(sum_e a_e^2)`` with
-    ``a_e = |dW_e|``. Convolution: the block of every frequency is ``D_f = sum_t dK_t exp(i theta_t(f))``,
-    so ``||D_f||_2 <= ||D_f||_F <= sqrt(sum_g a_g^2)`` with ``a_g = sum_t |dK_(o,c,t)|`` for the group
-    ``g = (o, c)`` of ``kh kw`` taps. A group hit by ``m`` flips has ``a_g <= A_g(m)``: for one word,
-    ``A(m) = scale * max(sum of its m largest positive bit deltas, sum of its m largest |negative|
-    ones)`` (:func:`code_bit_deltas`; attained, at most ``(2^b - 1) scale`` for the whole word); for a
-    group of taps ``A(m) = scale * (sum of the m largest single-bit sizes 2^j among its kh kw words)``
-    (the same for every group of a row; signs across taps do not matter once ``|dK_t|`` is taken).
-    With ``k`` flips in all:
-
-    1. concave majorant: ``sum_g A_g(m_g)^2 <= sum_g G^_g(m_g)`` for the least concave majorant
-       ``G^_g`` of ``A_g^2``; the greedy solves the relaxed knapsack exactly, so
-       ``beta_1(k)^2`` = the sum of the ``k`` largest majorant slopes over all groups;
-    2. mixed: ``sum_g a_g^2 <= (max_g a_g) (sum_g a_g) <= A_max(k) * l1(k)``, with ``A_max(k)`` the
-       largest ``A_g(k)`` and ``l1(k)`` the sum of the ``k`` largest single-bit changes
-       ``2^j scale`` (each flipped bit adds at most its own size to one ``a_g``).
-
-    ``beta(k) = min(beta_1(k), sqrt(A_max(k) l1(k)))``. (1) is good for many flips spread over words,
-    (2) for few flips (it is exact for ``k = 1``: one flip, one entry). For dense ``W`` whose worst
-    words share a row (one scale per row), ``||dW||_2 = ||dW||_F`` and (1) is attained at its
-    breakpoints; the bound is a proof, not an estimate.
-    """
-    spec = _as_spec(spec)
-    if k_max < 0:
-        raise ValueError(f"k_max must be >= 0, got {k_max}")
-    bound = _FlipBound(codes, scale, spec, protected_bits)
-    return bound(torch.arange(k_max + 1))
-
-
-@dataclass(frozen=True)
-class BitFlipCertificate:
-    """Largest number of arbitrary bit flips in the stored codes that provably keeps ``W~`` monotone.
-
-    Attributes:
-        max_flips: largest ``k`` with ``beta(k) < mu(W~)`` (:func:`bit_flip_perturbation_bounds`):
-            *every* pattern of at most ``k`` flips, at any positions, leaves ``mu(W~_err) > 0``.
-            ``None`` when the error-free ``W~`` is itself not monotone (``mu(W~) <= 0``).
-        margin_quantized: ``mu(W~)`` of the error-free quantized operator.
-        perturbation_bound: ``beta(max_flips)`` (``< margin_quantized``); ``None`` with ``max_flips``.
-        next_bound: ``beta(max_flips + 1)`` (``>= margin_quantized``); ``None`` if every bit may flip.
-        n_bits: number of stored bits that can flip (protected bits excluded).
-        all_bits: ``True`` when even flipping every flippable bit is certified.
-    """
-
-    max_flips: int | None
-    margin_quantized: float
-    perturbation_bound: float | None
-    next_bound: float | None
-    n_bits: int
-    all_bits: bool
-
-    def to_dict(self) -> dict[str, float | int | bool | None]:
-        return asdict(self)
-
-
-def max_certified_bit_flips(
-    W_q: Tensor,
-    codes: Tensor,
-    scale: Tensor,
-    spec: QuantSpec | int,
-    *,
-    protected_bits: Sequence[int] = (),
-) -> BitFlipCertificate:
-    """The largest number ``k`` of ARBITRARY bit flips in ``codes`` that provably keeps ``mu(W~_err) > 0``.
-
-    ``W_q`` is the error-free quantized operator (dense ``(n, n)`` or ``(F, c, c)`` blocks) whose exact
-    margin ``mu(W~)`` is the budget; ``codes``/``scale`` are the stored form of ``W`` itself (dense) or of
-    a convolution kernel entering ``W`` linearly (``spec`` = its ``QuantSpec``, or a bit width for
-    symmetric codes). Every pattern of ``<= k`` flips moves ``W~`` by ``||dW||_2 <= beta(k)``
-    (:func:`bit_flip_perturbation_bounds`), and Weyl gives ``mu(W~_err) >= mu(W~) - beta(k) > 0``.
-    If ``mu(W~) <= 0`` nothing can be certified and ``max_flips`` is ``None``.
-    """
-    spec = _as_spec(spec)
-    mu_q = float(monotonicity_margin(W_q))
-    bits_total = codes.numel() * spec.bits
-    n_bits = bits_total - codes.numel() * len(_protected(protected_bits, spec.bits))
-    if not mu_q > 0.0:
-        return BitFlipCertificate(None, mu_q, None, None, n_bits, False)
-    bound = _FlipBound(codes, scale, spec, protected_bits)
-
-    def beta(k: int) -> float:
-        return float(bound(torch.tensor([k]))[0])
-
-    # beta is nondecreasing with beta(0) = 0 < mu_q: bisect for the last k with beta(k) < mu_q
-    lo, hi = 0, n_bits
-    if beta(hi) < mu_q:
-        return BitFlipCertificate(n_bits, mu_q, beta(n_bits), None, n_bits, True)
-    while hi - lo > 1:  # invariant: beta(lo) < mu_q <= beta(hi)
-        mid = (lo + hi) // 2
-        if beta(mid) < mu_q:
-            lo = mid
-        else:
-            hi = mid
-    return BitFlipCertificate(lo, mu_q, beta(lo), beta(hi), n_bits, False)
-
-
-@dataclass(frozen=True)
-class BitErrorCertificate:
-    """Outcome of random bit-error patterns on the stored codes of ``W`` (design.md §2 error model).
-
-    Attributes:
-        ber: bit error rate p.
-        n_patterns: number of sampled patterns (seeds ``seed, seed + 1, ...``).
-        margin_quantized: ``mu(W~)`` of the error-free quantized operator.
-        certified_share: share of patterns with ``||W~_err - W~||_2 < mu(W~)`` (a-priori certificate).
-        monotone_share: share with exact ``mu(W~_err) > 0`` (>= ``certified_share``).
-        delta_norms: ``||W~_err - W~||_2`` per pattern.
-        margins: exact ``mu(W~_err)`` per pattern.
-        flips: number of flipped bits per pattern.
-    """
-
-    ber: float
-    n_patterns: int
-    margin_quantized: float
-    certified_share: float
-    monotone_share: float
-    delta_norms: list[float]
-    margins: list[float]
-    flips: list[int]
-
-    def to_dict(self) -> dict[str, float | int | list[float] | list[int]]:
-        return asdict(self)
-
-
-def certify_under_bit_errors(
-    W_q: Tensor,
-    codes: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    spec: QuantSpec,
-    ber: float,
-    n_patterns: int,
-    seed: int,
-    *,
-    assemble: Callable[[Tensor], Tensor] | None = None,
-    p01: float | None = None,
-    p10: float | None = None,
-    protected_bits: Sequence[int] = (),
-    tensor_name: str = "W",
-) -> BitErrorCertificate:
-    """Share of random bit-error patterns at BER ``ber`` for which the corrupted operator stays certified.
-
-    Pattern ``i`` (``i = 0 .. n_patterns - 1``) flips the stored bits of ``codes`` with
-    ``qmargin.faults.flip_random_bits(codes, spec.bits, ber, seed=derive_seed(seed + i, tensor_name),
-    p01=p01, p10=p10, protected_bits=protected_bits)`` (every bit independently, exact sparse
-    sampling), so two models see the same patterns for the same ``seed`` (paired comparisons). The
-    corrupted operator is ``W~_err = assemble(dequantize(codes_err))``; with ``assemble=None`` the codes
-    are those of the dense ``W`` itself and ``W~_err = W_q + dequantize(codes_err) - dequantize(codes)``.
-    A pattern is *certified* when ``||W~_err - W~||_2 < mu(W~)`` (no solver, Weyl) and *monotone* when
-    the exact ``mu(W~_err) > 0``; certified implies monotone.
-    """
-    from qmargin.faults.functional import derive_seed, flip_random_bits
-    from qmargin.quant.codes import bit_differences
-
-    if not 0.0 <= float(ber) <= 1.0:
-        raise ValueError(f"ber must be in [0, 1], got {ber}")
-    if n_patterns < 1:
-        raise ValueError(f"n_patterns must be >= 1, got {n_patterns}")
-    Wq = _as_operator(W_q, "W_q")
-    if assemble is None and tuple(codes.shape) != tuple(Wq.shape):
-        raise ValueError(
-            f"without assemble= the codes must be those of the dense W_q {tuple(Wq.shape)}, "
-            f"got {tuple(codes.shape)}"
-        )
-    mu_q = float(monotonicity_margin(Wq))
-    w_hat = dequantize(codes, scale.to(torch.float64), zero_point, spec)
-    deltas: list[float] = []
-    margins: list[float] = []
-    flips: list[int] = []
-    for i in range(n_patterns):
-        corrupted = flip_random_bits(
-            codes, spec.bits, float(ber), seed=derive_seed(seed + i, tensor_name),
-            p01=p01, p10=p10, protected_bits=tuple(protected_bits),
-        )
-        flips.append(bit_differences(codes, corrupted, spec.bits))
-        w_err = dequantize(corrupted, scale.to(torch.float64), zero_point, spec)
-        W_err = Wq + (w_err - w_hat) if assemble is None else _as_operator(assemble(w_err), "assemble(W)")
-        if W_err.is_complex() != Wq.is_complex():
-            W_err, Wq = W_err.to(torch.complex128), Wq.to(torch.complex128)
-        _check_same_form(Wq, W_err)
-        deltas.append(float(spectral_norm(W_err - Wq)))
-        margins.append(float(monotonicity_margin(W_err)))
-    certified = [d < mu_q for d in deltas]
-    monotone = [m > 0.0 for m in margins]
-    return BitErrorCertificate(
-        ber=float(ber),
-        n_patterns=n_patterns,
-        margin_quantized=mu_q,
-        certified_share=sum(certified) / n_patterns,
-        monotone_share=sum(monotone) / n_patterns,
-        delta_norms=deltas,
-        margins=margins,
-        flips=flips,
-    )
-

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qmargin.deq.classifier import MonDEQClassifier
-from qmargin.deq.monotone import M_EPS
+from qmargin.deq.monotone import M_EPS, MonotoneLinear
 from qmargin.errors import CheckpointError
 
 __all__ = [
@@ -56,7 +56,7 @@ _WRAPPERS = ("state_dict", "model_state_dict", "model")
 Source = str | os.PathLike | Mapping[str, Any]
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def _one_line(text: str | BaseException, limit: int = 160) -> str:
     line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
@@ -134,6 +134,7 @@ def _fill(
     model: MonDEQClassifier, A: Tensor, B: Tensor, U: Tensor, b: Tensor, Wh: Tensor, bh: Tensor
 ) -> None:
     core = model.core
+    assert isinstance(core, MonotoneLinear)  # the importers build fully connected MonDEQs
     with torch.no_grad():
         for p, t in ((core.A, A), (core.B, B), (core.U, U), (core.b, b), (model.head.weight, Wh),
                      (model.head.bias, bh)):

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from qmargin.deq.monotone import MonotoneParameterization
-from qmargin.deq.operators import ConvOperator, DenseOperator
+from qmargin.deq.operators import Operator
 from qmargin.deq.solvers import ConvergenceError, SolverStats, _check_args, solve, solve_adjoint
 
 __all__ = ["MonDEQLayer", "implicit_equilibrium"]
@@ -61,7 +60,7 @@ class _Recorder:
 
 class _ImplicitEquilibrium(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v: Tensor, weight: Tensor, op: Any, cfg: _SolveConfig, rec: _Recorder):  # type: ignore[override]
+    def forward(ctx, v: Tensor, weight: Tensor, op: Operator, cfg: _SolveConfig, rec: _Recorder):
         op = op.with_weight(weight.detach())
         z, stats = solve(op, v, cfg.method, cfg.alpha, cfg.tol, cfg.max_iter, cfg.check_every)
         rec.record("forward", stats)
@@ -71,7 +70,7 @@ class _ImplicitEquilibrium(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         z, v, weight = ctx.saved_tensors
         op, cfg = ctx.op, ctx.cfg
         active = (op.matvec(z) + v) > 0
@@ -89,7 +88,7 @@ class _ImplicitEquilibrium(torch.autograd.Function):
 
 
 def implicit_equilibrium(
-    op: DenseOperator | ConvOperator,
+    op: Operator,
     v: Tensor,
     method: str = "pr",
     alpha: float | None = None,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,17 @@ def assemble_fc_W(A: Tensor, B: Tensor, m: Tensor | float) -> Tensor:
     return (1 - m) * eye - A.mT @ A + B - B.mT
 
 
+class _Factory(TypedDict):
+    """``device`` / ``dtype`` keyword arguments of the tensor factories (``torch.empty``, ...)."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype
+
+
+def _factory(device: torch.device | str | None, dtype: torch.dtype | None) -> _Factory:
+    return {"device": device, "dtype": dtype or torch.get_default_dtype()}
+
+
 def _uniform_(t: Tensor, fan_in: int) -> Tensor:
     bound = 1.0 / math.sqrt(max(fan_in, 1))
     with torch.no_grad():
@@ -96,6 +108,9 @@ class MonotoneParameterization(QuantizedTensors):
 
     U: nn.Parameter
     b: nn.Parameter
+    m_raw: nn.Parameter  # learnable m
+    m_value: Tensor  # fixed m (a buffer)
+    _W_override: Tensor | None
 
     def __init__(
         self,
@@ -103,7 +118,7 @@ class MonotoneParameterization(QuantizedTensors):
         learn_m: bool,
         spec: QuantSpec | None,
         bias_spec: QuantSpec | None,
-        factory: dict,
+        factory: _Factory,
     ) -> None:
         super().__init__()
         if not m > 0:
@@ -233,7 +248,7 @@ class MonotoneLinear(MonotoneParameterization):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        factory = _factory(device, dtype)
         super().__init__(m, learn_m, spec, bias_spec, factory)
         r = n if r is None else r
         self.in_features, self.n, self.r = in_features, n, r
@@ -284,7 +299,7 @@ class MonotoneMultiConv(MonotoneParameterization):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        factory = _factory(device, dtype)
         super().__init__(m, learn_m, spec, bias_spec, factory)
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 1:
@@ -379,10 +394,9 @@ class MonotoneMultiConv(MonotoneParameterization):
         """Exact coarse-grid reach ``rc`` of ``W``: probe ``I + A^T A + B + B^T`` with all-ones weights."""
         r = self.kernel_size // 2
         bound = 2 * r + 2  # >= the reach of any composition of two tier convolutions, in coarse cells
-        ones = {"dtype": torch.float64, "device": "cpu"}
-        A = [torch.ones(p.shape, **ones) for p in self.A]
-        D = [torch.ones(p.shape, **ones) for p in self.D]
-        Bs = [torch.ones(p.shape, **ones) for p in self.B]
+        A = [torch.ones(p.shape, dtype=torch.float64, device="cpu") for p in self.A]
+        D = [torch.ones(p.shape, dtype=torch.float64, device="cpu") for p in self.D]
+        Bs = [torch.ones(p.shape, dtype=torch.float64, device="cpu") for p in self.B]
 
         def positive(z: list[Tensor]) -> list[Tensor]:
             ata = self.apply_AT(self.apply_A(z, A, D), A, D)
@@ -434,7 +448,9 @@ class MonotoneMultiConv(MonotoneParameterization):
 
     def frequency_blocks(self, quantized: bool | None = None, half: bool = False) -> Tensor:
         """``(F, c, c)`` complex blocks of ``W`` (``F = H_c W_c``; rfft half with ``half``), see operators."""
-        return self.operator(quantized).frequency_blocks(half=half)
+        op = self.operator(quantized)
+        assert isinstance(op, ConvOperator)  # build_operator of a convolutional form
+        return op.frequency_blocks(half=half)
 
 
 class MonotoneConv(MonotoneMultiConv):

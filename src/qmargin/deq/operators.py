@@ -7,39 +7,37 @@ the linear resolvent ``V = (I + a (I - W))^{-1}`` (and ``V^T``), and its exact m
 interface, so they serve every parameterization, float or quantized.
 
 * :class:`DenseOperator`: ``weight`` is the ``(n, n)`` matrix ``W``; states are ``(N, n)``.
-* :class:`ConvOperator`: ``weight`` is a ``(c, c, kh, kw)`` kernel (odd sizes) of a circular
+* :class:`ConvOperator`: ``weight`` is a ``(c, c, kh, kw)`` kernel (any size) of a circular
   convolution on a ``(H, W)`` grid; states are ``(N, c, H, W)``. The operator is block-diagonal in
-  the 2-D DFT: one ``c x c`` complex block per frequency (:func:`conv_blocks`), so the resolvent,
+  the 2-D DFT: one ``c x c`` complex block per frequency
+  (:func:`qmargin.deq.spectral.conv_blocks`), so the resolvent,
   ``mu`` and ``L`` are exact per-frequency computations (no CG, no power iteration). A multi-tier
   network becomes a ``ConvOperator`` on its polyphase (space-to-depth) state, see
   :mod:`qmargin.deq.monotone`.
 
-Convolution convention (PyTorch cross-correlation, kernel centred at ``(rh, rw) = (kh // 2, kw // 2)``)::
-
-    (W z)[o, i, j] = sum_{c, p, q} K[o, c, p, q] z[c, (i + p - rh) mod H, (j + q - rw) mod W]
-
-With ``Z = fft2(z)`` this reads ``(W z)^[:, u, v] = K_(u, v) Z[:, u, v]`` with the block
-``K_(u, v)[o, c] = sum_{p, q} K[o, c, p, q] exp(+2 pi i (u (p - rh) / H + v (q - rw) / W))``,
-blocks ordered ``f = u * W + v`` (the convention of :mod:`qmargin.deq.certificates` too).
+The convolution convention (kernel centred at ``(kh // 2, kw // 2)``, odd and even sizes), the
+per-frequency blocks and the formulas for ``mu`` and ``L`` live in :mod:`qmargin.deq.spectral`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qmargin.deq.spectral import conv_blocks, kernel_centre, margin_and_lipschitz
+
 __all__ = [
+    "Operator",
+    "Resolvent",
     "DenseOperator",
     "ConvOperator",
     "DenseResolvent",
     "FourierResolvent",
-    "conv_blocks",
-    "dense_margin_and_norm",
-    "blocks_margin_and_norm",
     "circular_conv2d",
     "circular_conv2d_adjoint",
     "tiers_to_polyphase",
@@ -48,37 +46,32 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact margins and norms
-# --------------------------------------------------------------------------------------------------
-def dense_margin_and_norm(W: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mu, L)`` of a dense ``W``: ``mu = lambda_min((S + S^T) / 2)``, ``L = ||S||_2`` with ``S = I - W``.
-
-    Exact (``eigvalsh`` and ``matrix_norm(ord=2)``); 0-d tensors in ``W``'s dtype and device.
-    """
-    S = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device) - W
-    mu = torch.linalg.eigvalsh((S + S.mT) / 2)[..., 0]
-    return mu, torch.linalg.matrix_norm(S, ord=2)
-
-
-def blocks_margin_and_norm(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mu, L)`` of a block-diagonal operator given as a ``(..., c, c)`` stack of blocks ``W_f``.
-
-    ``mu = min_f lambda_min(Herm(I - W_f))``, ``L = max_f sigma_max(I - W_f)``; 0-d real tensors.
-    """
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    S = (eye - blocks).reshape(-1, blocks.shape[-2], blocks.shape[-1])
-    mu = torch.linalg.eigvalsh((S + S.mH) / 2)[:, 0].min()
-    L = torch.linalg.matrix_norm(S, ord=2).max()
-    return mu, L
-
-
-# --------------------------------------------------------------------------------------------------
 # Circular convolutions and the polyphase (space-to-depth) form of multi-resolution states
 # --------------------------------------------------------------------------------------------------
-def circular_conv2d(x: Tensor, kernel: Tensor, stride: int = 1) -> Tensor:
-    """``F.conv2d`` of ``x`` circularly padded by ``k // 2`` on each side (odd kernels)."""
-    rh, rw = kernel.shape[-2] // 2, kernel.shape[-1] // 2
-    return F.conv2d(F.pad(x, (rw, rw, rh, rh), mode="circular"), kernel, stride=stride)
+def circular_conv2d(
+    x: Tensor, kernel: Tensor, stride: int = 1, centre: tuple[int, int] | None = None
+) -> Tensor:
+    """``F.conv2d`` of ``x`` padded circularly so that tap ``centre`` sits on the output pixel.
+
+    ``y[o, i, j] = sum_{c, p, q} K[o, c, p, q] x[c, s i + p - rh, s j + q - rw]`` (indices mod the
+    grid) with ``(rh, rw) = centre``, by default ``(kh // 2, kw // 2)``
+    (:func:`qmargin.deq.spectral.kernel_centre`): padding ``rh`` before and ``kh - 1 - rh`` after, so
+    the output has the input's size (divided by the stride) for odd and even kernels alike.
+    """
+    kh, kw = kernel.shape[-2], kernel.shape[-1]
+    rh, rw = (kernel_centre(kh), kernel_centre(kw)) if centre is None else centre
+    return F.conv2d(F.pad(x, (rw, kw - 1 - rw, rh, kh - 1 - rh), mode="circular"), kernel, stride=stride)
+
+
+def _adjoint_kernel(kernel: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Kernel and centre of ``W^T`` for the stride-1 circular convolution ``W`` with ``kernel``.
+
+    ``W^T`` is the convolution with the transposed, flipped kernel, whose centre is ``k - 1 - k // 2``
+    (the same as ``k // 2`` for odd ``k``, one less for even ``k``).
+    """
+    kh, kw = kernel.shape[-2], kernel.shape[-1]
+    centre = (kh - 1 - kernel_centre(kh), kw - 1 - kernel_centre(kw))
+    return kernel.transpose(0, 1).flip(-2, -1), centre
 
 
 def _fold_circular(t: Tensor, r: int, dim: int) -> Tensor:
@@ -100,9 +93,12 @@ def circular_conv2d_adjoint(y: Tensor, kernel: Tensor, stride: int, out_hw: tupl
 
     ``<circular_conv2d(x, K, s), y> = <x, circular_conv2d_adjoint(y, K, s, x.shape[-2:])>``.
     """
-    rh, rw = kernel.shape[-2] // 2, kernel.shape[-1] // 2
     if stride == 1:
-        return circular_conv2d(y, kernel.transpose(0, 1).flip(-2, -1))
+        kernel_T, centre = _adjoint_kernel(kernel)
+        return circular_conv2d(y, kernel_T, centre=centre)
+    if kernel.shape[-2] % 2 == 0 or kernel.shape[-1] % 2 == 0:
+        raise ValueError(f"the strided adjoint needs an odd kernel, got {tuple(kernel.shape[-2:])}")
+    rh, rw = kernel.shape[-2] // 2, kernel.shape[-1] // 2
     H, W = out_hw
     ph, pw = H + 2 * rh, W + 2 * rw
     oh = ph - ((y.shape[-2] - 1) * stride + kernel.shape[-2])
@@ -130,37 +126,6 @@ def polyphase_to_tiers(z: Tensor, channels: list[int], scales: list[int]) -> lis
 # --------------------------------------------------------------------------------------------------
 # Per-frequency blocks
 # --------------------------------------------------------------------------------------------------
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-def _phases(n: int, freqs: Tensor, k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``exp(+2 pi i f (p - k // 2) / n)`` for ``f`` in ``freqs``, ``p = 0..k-1``: ``(len(freqs), k)``."""
-    offs = torch.arange(k, device=device, dtype=torch.int64) - k // 2
-    steps = torch.remainder(freqs[:, None].to(torch.int64) * offs[None, :], n)
-    ang = steps.to(torch.float64) * (2 * math.pi / n)
-    return torch.polar(torch.ones_like(ang), ang).to(dtype)
-
-
-def conv_blocks(kernel: Tensor, grid: tuple[int, int], *, half: bool = False) -> Tensor:
-    """Per-frequency blocks of the circular convolution with ``kernel`` on ``grid``: ``(H, W', c_out, c_in)``.
-
-    ``K_(u, v) = sum_{p, q} K[:, :, p, q] exp(+2 pi i (u (p - rh) / H + v (q - rw) / W))`` for
-    ``u = 0..H-1`` and ``v = 0..W-1`` (``W' = W``) or, with ``half``, ``v = 0..W//2`` (the rfft
-    frequencies, ``W' = W // 2 + 1``; the others are complex conjugates of these). Differentiable,
-    complex in the precision of ``kernel`` (complex64 for float32, complex128 for float64). Kernels
-    larger than the grid wrap around exactly as the circular convolution does.
-    """
-    H, W = grid
-    cd = _complex_dtype(kernel.dtype)
-    dev = kernel.device
-    fh = torch.arange(H, device=dev)
-    fw = torch.arange(W // 2 + 1 if half else W, device=dev)
-    Eh = _phases(H, fh, kernel.shape[-2], dev, cd)
-    Ew = _phases(W, fw, kernel.shape[-1], dev, cd)
-    return torch.einsum("oipq,up,vq->uvoi", kernel.to(cd), Eh, Ew)
-
-
 def _apply_blocks(z: Tensor, blocks: Tensor, grid: tuple[int, int], adjoint: bool = False) -> Tensor:
     """Apply a block-diagonal (in rfft2 frequencies) real operator: ``y^_f = B_f z^_f`` (or ``B_f^H``)."""
     Z = torch.fft.rfft2(z)  # (N, c, H, W//2+1)
@@ -212,6 +177,58 @@ class FourierResolvent:
 
 
 # --------------------------------------------------------------------------------------------------
+# The operator protocol
+# --------------------------------------------------------------------------------------------------
+@runtime_checkable
+class Resolvent(Protocol):
+    """``V = (I + a (I - W))^{-1}`` for one step ``a``: applies ``V`` and ``V^T`` to states."""
+
+    alpha: float
+
+    def apply(self, z: Tensor) -> Tensor: ...
+
+    def apply_T(self, z: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Operator(Protocol):
+    """A realized linear operator ``W``: what the solvers and the implicit backward see.
+
+    ``weight`` is the one tensor behind it; ``state_shape`` the shape of one state (without the
+    batch dimension). :class:`DenseOperator` and :class:`ConvOperator` satisfy it.
+    """
+
+    weight: Tensor
+
+    @property
+    def state_shape(self) -> tuple[int, ...]: ...
+
+    def with_weight(self, weight: Tensor) -> Operator:
+        """The same kind of operator with another weight (same shape)."""
+        ...
+
+    def matvec(self, z: Tensor) -> Tensor:
+        """``W z`` for states ``(N, *state_shape)``."""
+        ...
+
+    def rmatvec(self, z: Tensor) -> Tensor:
+        """``W^T z``."""
+        ...
+
+    def resolvent(self, alpha: float) -> Resolvent:
+        """``V = (I + alpha (I - W))^{-1}``."""
+        ...
+
+    def margin_and_norm(self) -> tuple[Tensor, Tensor]:
+        """Exact ``(mu(W), L(W))`` (:func:`qmargin.deq.spectral.margin_and_lipschitz`)."""
+        ...
+
+    def to_dense(self) -> Tensor:
+        """``W`` as a dense matrix on the flattened state."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
 # Realized operators
 # --------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
@@ -248,7 +265,7 @@ class DenseOperator:
     def margin_and_norm(self) -> tuple[Tensor, Tensor]:
         """Exact ``(mu(W), L(W))`` (cached)."""
         if self._margin is None:
-            self._margin = dense_margin_and_norm(self.weight.detach())
+            self._margin = margin_and_lipschitz(self.weight.detach())
         return self._margin
 
     def to_dense(self) -> Tensor:
@@ -277,7 +294,9 @@ class ConvOperator:
         return ConvOperator(weight, self.grid)
 
     def _fits(self) -> bool:
-        return self.weight.shape[-2] // 2 <= self.grid[0] and self.weight.shape[-1] // 2 <= self.grid[1]
+        """Circular padding (at most ``k // 2`` per side) needs pads no larger than the grid."""
+        kh, kw = self.weight.shape[-2], self.weight.shape[-1]
+        return kernel_centre(kh) <= self.grid[0] and kernel_centre(kw) <= self.grid[1]
 
     def half_blocks(self) -> Tensor:
         """rfft blocks ``(H, W // 2 + 1, c, c)`` (cached)."""
@@ -294,7 +313,8 @@ class ConvOperator:
     def rmatvec(self, z: Tensor) -> Tensor:
         """``W^T z``."""
         if self._fits():
-            return circular_conv2d(z, self.weight.transpose(0, 1).flip(-2, -1))
+            kernel_T, centre = _adjoint_kernel(self.weight)
+            return circular_conv2d(z, kernel_T, centre=centre)
         return _apply_blocks(z, conv_blocks(self.weight, self.grid, half=True), self.grid, adjoint=True)
 
     def frequency_blocks(self, half: bool = False) -> Tensor:
@@ -313,7 +333,7 @@ class ConvOperator:
     def margin_and_norm(self) -> tuple[Tensor, Tensor]:
         """Exact ``(mu(W), L(W))`` from the rfft blocks (cached)."""
         if self._margin is None:
-            self._margin = blocks_margin_and_norm(self.half_blocks().detach())
+            self._margin = margin_and_lipschitz(self.half_blocks().detach())
         return self._margin
 
     def to_dense(self) -> Tensor:
@@ -322,5 +342,3 @@ class ConvOperator:
         basis = torch.eye(n, dtype=self.weight.dtype, device=self.weight.device).reshape(n, *self.state_shape)
         return self.matvec(basis).reshape(n, n).mT
 
-
-LinearOperatorLike = DenseOperator | ConvOperator

@@ -11,8 +11,9 @@ step s. :func:`certified_margin_penalty` is the hinge
 
     P(W) = relu(||dW||_2 + delta - mu(W)),
 
-zero once the model is certified with slack ``delta``; ``mu(W) = lambda_min(sym(I - W))`` is
-differentiable through ``torch.linalg.eigvalsh``. Implemented for fully connected W.
+zero once the model is certified with slack ``delta``; ``mu(W) = lambda_min(sym(I - W))`` and
+``||dW||_2`` are :func:`qmargin.deq.spectral.margin` / :func:`~qmargin.deq.spectral.spectral_norm`,
+differentiable through ``torch.linalg.eigvalsh`` / ``matrix_norm``. Implemented for fully connected W.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qmargin.deq import spectral
 from qmargin.quant import QuantSpec, quantize
 from qmargin.quant.functional import compute_scale
 
@@ -46,14 +48,15 @@ def quantization_residual(W: Tensor, spec: QuantSpec) -> Tensor:
 
 
 def differentiable_margin(W: Tensor) -> Tensor:
-    """``mu(W) = lambda_min((I - W + (I - W)^T) / 2)`` for a dense ``(n, n)`` W or ``(F, c, c)`` blocks."""
-    eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
-    M = eye - W
-    H = (M + M.transpose(-2, -1).conj()) / 2
-    return torch.linalg.eigvalsh(H).amin()
+    """``mu(W) = lambda_min((I - W + (I - W)^H) / 2)`` for a dense ``(n, n)`` W or ``(F, c, c)`` blocks.
+
+    :func:`qmargin.deq.spectral.margin` in ``W``'s precision, differentiable (where the smallest
+    eigenvalue is simple).
+    """
+    return spectral.margin(W)
 
 
 def certified_margin_penalty(W: Tensor, spec: QuantSpec, *, delta: float = 0.05) -> Tensor:
     """``relu(||dW||_2 + delta - mu(W))`` for a dense (fully connected) ``W``; 0 once certified with slack."""
     dW = quantization_residual(W, spec)
-    return torch.relu(torch.linalg.matrix_norm(dW, ord=2) + delta - differentiable_margin(W))
+    return torch.relu(spectral.spectral_norm(dW) + delta - spectral.margin(W))

@@ -37,16 +37,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from qmargin.deq.operators import ConvOperator, DenseOperator
+from qmargin.deq.operators import Operator
 from qmargin.errors import ConfigError
 
 __all__ = [
     "METHODS",
+    "RealizesOperator",
     "SolverStats",
     "ConvergenceError",
     "default_alpha",
@@ -107,14 +108,18 @@ class SolverStats:
         return d
 
 
-Operator = DenseOperator | ConvOperator
+@runtime_checkable
+class RealizesOperator(Protocol):
+    """Something that realizes the ``W`` its forward pass uses (a monotone parameterization)."""
+
+    def operator(self) -> Operator: ...
 
 
-def _as_operator(op: Any) -> Operator:
+def _as_operator(op: Operator | RealizesOperator) -> Operator:
     """Accept a realized operator or a parameterization module (which realizes its forward ``W``)."""
-    if hasattr(op, "matvec") and hasattr(op, "resolvent"):
+    if isinstance(op, Operator):
         return op
-    if hasattr(op, "operator"):
+    if isinstance(op, RealizesOperator):
         return op.operator()
     raise TypeError(f"solve needs a realized operator or a MonotoneParameterization, got {type(op).__name__}")
 
@@ -191,7 +196,7 @@ def _iterate(
 
 
 def _run(
-    op: Any,
+    op: Operator | RealizesOperator,
     v: Tensor,
     transpose: bool,
     prox: Callable[[Tensor], Tensor],
@@ -203,8 +208,8 @@ def _run(
 ) -> tuple[Tensor, SolverStats]:
     method = _check_args(method, tol, max_iter, check_every, alpha)
     with torch.no_grad():
-        op = _as_operator(op)
-        return _run_no_grad(op, v.detach(), transpose, prox, method, alpha, tol, max_iter, check_every)
+        realized = _as_operator(op)
+        return _run_no_grad(realized, v.detach(), transpose, prox, method, alpha, tol, max_iter, check_every)
 
 
 def _run_no_grad(
@@ -250,7 +255,7 @@ def _run_no_grad(
 
 
 def solve(
-    op: Any,
+    op: Operator | RealizesOperator,
     x_injection: Tensor,
     method: Method | str = "pr",
     alpha: float | None = None,
@@ -261,9 +266,10 @@ def solve(
     """Solve ``z = relu(W z + v)`` for ``v = x_injection`` (shape ``(N, *op.state_shape)``).
 
     Args:
-        op: a realized operator (:class:`~qmargin.deq.operators.DenseOperator`,
-            :class:`~qmargin.deq.operators.ConvOperator`) or a parameterization module (its
-            :meth:`operator`, i.e. the ``W`` its forward pass uses).
+        op: a realized operator (the :class:`~qmargin.deq.operators.Operator` protocol:
+            :class:`~qmargin.deq.operators.DenseOperator`, :class:`~qmargin.deq.operators.ConvOperator`)
+            or a parameterization module (:class:`RealizesOperator`: its :meth:`operator`, i.e. the
+            ``W`` its forward pass uses).
         x_injection: ``v = U x + b`` (no gradient is tracked through the iterations).
         method: ``"fb"``, ``"pr"`` or ``"dr"``.
         alpha: step size; ``None`` takes it from the exact ``(mu, L)`` (:func:`default_alpha`).
@@ -277,7 +283,7 @@ def solve(
 
 
 def solve_adjoint(
-    op: Any,
+    op: Operator | RealizesOperator,
     grad: Tensor,
     active: Tensor,
     method: Method | str = "pr",

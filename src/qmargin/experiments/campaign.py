@@ -13,8 +13,9 @@ Per BER the result holds the per-pattern accuracies ``a_{p,r}`` (fractions in ``
 mean, population standard deviation ``sqrt(mean_r (a_{p,r} - mean)^2)`` (``ddof = 0``, so ``R = 1``
 gives 0, not NaN), minimum and maximum.
 
-Convergence protocol (MonDEQ models): if, after a forward pass, the model has an attribute
-``last_converged`` holding a bool tensor with one entry per sample of that batch, samples whose flag
+Convergence protocol (MonDEQ models; :class:`qmargin.models.protocols.ReportsConvergence`): if, after
+a forward pass, the model has an attribute ``converged`` holding a bool tensor with one entry per
+sample of that batch, samples whose flag
 is ``False`` count as errors (wrong predictions whatever their argmax) and are counted in
 ``"failures"`` (one count per pattern; ``"clean_failures"`` for the clean run).
 
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
 from qmargin.experiments.files import write_text_atomic
+from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
 
 __all__ = [
@@ -205,11 +207,11 @@ class _Evaluator:
         ]
 
     def converged_flags(self) -> bool:
-        """Whether the model exposes per-sample convergence flags (``last_converged``)."""
+        """Whether the model exposes per-sample convergence flags (``converged``)."""
         xb, _ = self.batches[0]
         with torch.inference_mode():
             self.model(xb)
-        flags = getattr(self.model, "last_converged", None)
+        flags = self.model.converged if isinstance(self.model, ReportsConvergence) else None
         return isinstance(flags, Tensor) and flags.dtype == torch.bool and flags.shape == (xb.shape[0],)
 
     def __call__(self, count_failures: bool) -> tuple[float, int]:
@@ -220,10 +222,10 @@ class _Evaluator:
                 logits = self.model(xb)
                 ok = logits.argmax(dim=1) == yb
                 if count_failures:
-                    flags = getattr(self.model, "last_converged", None)
+                    flags = self.model.converged if isinstance(self.model, ReportsConvergence) else None
                     if not (isinstance(flags, Tensor) and flags.shape == (xb.shape[0],)):
                         raise ConfigError(
-                            "count_failures needs the model to set `last_converged` (bool per sample) "
+                            "count_failures needs the model to set `converged` (bool per sample) "
                             "after every forward pass"
                         )
                     flags = flags.to(device=ok.device, dtype=torch.bool)
@@ -305,7 +307,7 @@ def run_ber_campaign(
         device: where to evaluate.
         progress: called with a :class:`CampaignProgress` after every completed pattern (after the
             codes are restored); an exception it raises stops the campaign, which can be resumed.
-        count_failures: count non-converged samples (the ``last_converged`` protocol of the module
+        count_failures: count non-converged samples (the ``converged`` protocol of the module
             docstring). ``None`` = automatically when the model exposes the flags.
         overwrite: discard an existing ``out_path`` whose settings differ instead of raising.
         patterns_per_pass: evaluate up to this many patterns of one BER in a single forward pass

@@ -5,6 +5,12 @@ reference implementations (recognised by its keys, read with ``torch.load(weight
 For each bit width b: ``W~ = Q_b(W)`` (the assembled matrix), ``U~``, ``b~`` and
 :func:`qmargin.deq.certify`, plus the largest number of arbitrary bit flips in W's stored codes that
 provably keeps W~ monotone and, with a BER, the share of random error patterns that stay certified.
+
+Error pattern ``r`` of ``--ber`` flips the bits ``qmargin.faults.inject`` flips with seed ``seed + r``
+in the stored ``W`` of the MonDEQ's core (:func:`qmargin.deq.bit_error_pattern`), i.e. the patterns a
+``qmargin evaluate`` campaign with the same base ``--seed`` evaluates: the certified share and the
+campaign's accuracies refer to the same corrupted codes (for the same clean codes, i.e. the same
+quantizer).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from qmargin.deq import MonDEQClassifier, MonotoneLinear
+from qmargin.deq.bit_certificates import MONDEQ_LAYER
 from qmargin.errors import CheckpointError
 
 __all__ = [
@@ -26,9 +33,11 @@ __all__ = [
 ]
 
 
-def load_mondeq_for_certification(path: str | Path, *, m: float | None = None) -> tuple[nn.Module, str]:
+def load_mondeq_for_certification(
+    path: str | Path, *, m: float | None = None
+) -> tuple[MonDEQClassifier, str]:
     """``(classifier, source format)`` from a run directory or an imported ``.pt`` state dict."""
-    from qmargin.deq import MonDEQClassifier, load_mondeq_checkpoint
+    from qmargin.deq import load_mondeq_checkpoint
 
     p = Path(path)
     if p.is_dir():
@@ -47,15 +56,20 @@ def load_mondeq_for_certification(path: str | Path, *, m: float | None = None) -
 
 
 def certify_weights(
-    core: nn.Module,
+    core: MonotoneLinear,
     bits: int,
     per_channel: bool,
     *,
     ber: float | None = None,
     patterns: int = 100,
     seed: int = 0,
+    layer: str = MONDEQ_LAYER,
 ) -> dict[str, Any]:
-    """Certificate of a fully connected monotone parameterization quantized at ``bits``."""
+    """Certificate of a fully connected monotone parameterization quantized at ``bits``.
+
+    With ``ber``: ``patterns`` random error patterns, pattern ``r`` drawn as ``inject`` draws it with
+    seed ``seed + r`` for the tensor ``W`` of the module named ``layer`` (the core's name in its model).
+    """
     from qmargin.deq import certify, certify_under_bit_errors, max_certified_bit_flips
     from qmargin.quant import QuantSpec, dequantize, quantize
 
@@ -81,8 +95,9 @@ def certify_weights(
             prot = max_certified_bit_flips(W_q, codes, scale, spec, protected_bits=(-1, -2)).to_dict()
             row["max_certified_bit_flips_msb2_protected"] = prot["max_flips"]
         if ber is not None:
-            be = certify_under_bit_errors(W_q, codes, scale, zp, spec, ber, patterns, seed)
+            be = certify_under_bit_errors(W_q, codes, scale, zp, spec, ber, patterns, seed, layer=layer)
             row["ber"] = ber
+            row["ber_seed"] = seed
             row["ber_certified_share"] = be.certified_share
             row["ber_monotone_share"] = be.monotone_share
     return row
@@ -96,10 +111,12 @@ def certify_checkpoint(
     m: float | None = None,
     ber: float | None = None,
     patterns: int = 100,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """``{"source", "format", "results": [one certificate dict per bit width]}``."""
-    from qmargin.deq import MonotoneLinear
+    """``{"source", "format", "results": [one certificate dict per bit width]}``.
 
+    ``seed``: base seed of the ``ber`` patterns (pattern ``r`` uses ``seed + r``, as campaigns do).
+    """
     model, fmt = load_mondeq_for_certification(path, m=m)
     core = model.core
     if not isinstance(core, MonotoneLinear):
@@ -107,7 +124,11 @@ def certify_checkpoint(
             f"{path}: certify handles fully connected MonDEQs; use qmargin.deq.certify with "
             "frequency blocks for convolutional ones"
         )
-    results = [certify_weights(core, b, per_channel, ber=ber, patterns=patterns) for b in bits]
+    layer = next(name for name, module in model.named_modules() if module is core)
+    results = [
+        certify_weights(core, b, per_channel, ber=ber, patterns=patterns, seed=seed, layer=layer)
+        for b in bits
+    ]
     return {"source": str(path), "format": fmt, "per_channel": per_channel, "results": results}
 
 
@@ -134,7 +155,10 @@ def demo_mondeq_certificates(
     )
     res = train(cfg, dataset=data, out_dir=Path(out_dir))
     log(f"trained float MonDEQ (n=64): clean test accuracy {res.test_acc:.4f}")
-    rows = [certify_weights(res.model.core, b, True) for b in bits]
+    core = res.model.core
+    if not isinstance(core, MonotoneLinear):
+        raise TypeError(f"the demo MonDEQ is fully connected, got {type(core).__name__}")
+    rows = [certify_weights(core, b, True) for b in bits]
     return (
         rows,
         f"MonDEQ (n=64, m0=0.5) on {data.info.name}: certificates from the weights alone (per-row scales)",

@@ -34,11 +34,6 @@ class MonDEQNet(MonDEQClassifier):
         self.penalty_weight = float(penalty_weight)
         self.delta = float(delta)
 
-    @property
-    def last_converged(self) -> Tensor | None:
-        """Per-sample convergence of the last forward (read by bit-error campaigns)."""
-        return self.converged
-
     def auxiliary_loss(self) -> Tensor:
         """``penalty_weight * relu(||dW||_2 + delta - mu(W))`` with ``certify``, else 0."""
         spec = self.core.quant_specs.get("W")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
+from qmargin.models.protocols import HasAuxiliaryLoss
 from qmargin.quant import export_integer_state
 from qmargin.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -135,9 +136,8 @@ def objective(model: nn.Module, x: Tensor, y: Tensor, loss_fn: nn.Module) -> tup
     """``(loss(f(x), y) + f.auxiliary_loss(), f(x))``; the auxiliary term only if the model defines it."""
     logits = model(x)
     loss = loss_fn(logits, y)
-    aux = getattr(model, "auxiliary_loss", None)
-    if callable(aux):
-        loss = loss + aux()
+    if isinstance(model, HasAuxiliaryLoss):
+        loss = loss + model.auxiliary_loss()
     return loss, logits
 
 
