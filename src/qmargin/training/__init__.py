@@ -38,7 +38,9 @@ from qmargin.training.randbet import (
     substituted_weights,
 )
 from qmargin.training.trainer import (
+    AuxiliaryLoss,
     ProgressCallback,
+    TrainingData,
     TrainResult,
     epoch_permutation,
     evaluate_accuracy,
@@ -53,6 +55,8 @@ __all__ = [
     "train",
     "TrainResult",
     "ProgressCallback",
+    "TrainingData",
+    "AuxiliaryLoss",
     "load_run",
     "read_run_config",
     "evaluate_accuracy",
