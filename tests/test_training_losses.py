@@ -288,7 +288,8 @@ PINNED = {
     "ce_ls": ({"label_smoothing": 0.1}, "f140a5a0b9e4b6b54a06ea752d671798bf445a94ff9a00c795e34f796a4137eb"),
     "mcel": ({}, "2c5eceea3f1804ec442756c35429efb975520f129be13b3c450611afc5e7359b"),
     "mcel_inf": (
-        {"bound": float("inf"), "margin": 2.0}, "3b88c3e1e45b991bca8b1e377cae49393a38ced50faca20fac67723086967074"
+        {"bound": float("inf"), "margin": 2.0},
+        "3b88c3e1e45b991bca8b1e377cae49393a38ced50faca20fac67723086967074",
     ),
     "mcel_scale": (
         {"logit_scale": 2.0, "margin": 5.0, "bound": 10.0},
