@@ -25,7 +25,8 @@ def _train(tmp_path, *args: str) -> dict:
     [
         (["--loss", "mcel"], "mcel", {"margin": 30.0, "bound": 30.0}),
         (["--loss", "mcel", "--margin", "5", "--bound", "inf", "--logit-scale", "2",
-          "--label-smoothing", "0.1"], "mcel", {"margin": 5.0, "bound": float("inf"), "logit_scale": 2.0, "label_smoothing": 0.1}),
+          "--label-smoothing", "0.1"],
+         "mcel", {"margin": 5.0, "bound": float("inf"), "logit_scale": 2.0, "label_smoothing": 0.1}),
         (["--loss", "mhl", "--hinge-b", "2"], "mhl", {"b": 2.0}),
         (["--loss", "mcel", "--loss-arg", "margin=4", "--loss-arg", "bound=Infinity"],
          "mcel", {"margin": 4, "bound": float("inf")}),
