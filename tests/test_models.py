@@ -223,3 +223,67 @@ def test_registry_errors_and_extension(monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         register_model("tiny", tiny)
     register_model("tiny", tiny, overwrite=True)
+
+
+# -- what one hidden width (--hidden) means per architecture --------------------------------------
+
+# The mapping qmargin train --hidden H applied before the registry owned it (cli/app.py at 83cca8d).
+OLD_HIDDEN = {
+    "mlp": lambda h: {"hidden": [h, h]},
+    "vgg3": lambda h: {"hidden": h},
+    "vgg7": lambda h: {"hidden": h},
+    "mondeq": lambda h: {"n": h},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_HIDDEN))
+def test_hidden_width_gives_the_model_it_gave_before(name):
+    from qmargin.models import hidden_kwargs
+
+    assert hidden_kwargs(name, 24) == OLD_HIDDEN[name](24)
+    shape = (3, 32, 32) if name.startswith("vgg") else (1, 8, 8)
+    kw = {"channels": (4, 4, 4)[: 2 if name == "vgg3" else 3]} if name.startswith("vgg") else {}
+    torch.manual_seed(0)
+    new = build_model(name, input_shape=shape, num_classes=5, spec=SPEC, **hidden_kwargs(name, 24), **kw)
+    torch.manual_seed(0)
+    old = build_model(name, input_shape=shape, num_classes=5, spec=SPEC, **OLD_HIDDEN[name](24), **kw)
+    assert repr(new) == repr(old)
+    sn, so = new.state_dict(), old.state_dict()
+    assert sn.keys() == so.keys() and all(torch.equal(sn[k], so[k]) for k in sn)
+    widths = {p.shape[0] for n, p in new.named_parameters() if p.dim() == 2 and n != "head.weight"}
+    assert 24 in widths
+
+
+def test_hidden_width_errors():
+    from qmargin.models import check_model_kwargs, hidden_kwargs
+
+    with pytest.raises(ConfigError, match="resnet20"):
+        hidden_kwargs("resnet20", 16)  # no single hidden width (before: an unexpected keyword 'hidden')
+    with pytest.raises(ConfigError, match="unknown model"):
+        hidden_kwargs("alexnet", 16)
+    with pytest.raises(ConfigError, match="positive"):
+        hidden_kwargs("mlp", 0)
+    check_model_kwargs("mondeq", {"n": 8, "certify": True})
+    with pytest.raises(ConfigError, match=r"model 'mlp' takes no option certify"):
+        check_model_kwargs("mlp", {"hidden": [8, 8], "certify": True})
+
+
+def test_register_model_with_a_hidden_mapping(monkeypatch):
+    from qmargin.models import hidden_kwargs
+
+    monkeypatch.setattr(registry_mod, "_BUILDERS", dict(registry_mod._BUILDERS))
+    monkeypatch.setattr(registry_mod, "_HIDDEN", dict(registry_mod._HIDDEN))
+
+    def tiny(*, input_shape, num_classes, spec, bias_spec=None, width=4, depth=1):
+        return MLP(input_shape[0] * input_shape[1] * input_shape[2], num_classes, (width,) * depth, spec=spec)
+
+    register_model("tiny", tiny, hidden="width")
+    assert hidden_kwargs("tiny", 6) == {"width": 6}
+    register_model("tiny", tiny, hidden=lambda h: {"width": h, "depth": 2}, overwrite=True)
+    m = build_model("tiny", input_shape=(1, 8, 8), num_classes=3, spec=SPEC, **hidden_kwargs("tiny", 6))
+    assert m.fc1.out_features == 6 and m.fc2.out_features == 6
+    register_model("tiny", tiny, overwrite=True)  # re-registered without: no hidden width any more
+    with pytest.raises(ConfigError, match="tiny"):
+        hidden_kwargs("tiny", 6)
+    with pytest.raises(ValueError):
+        register_model("tiny2", tiny, hidden=3)  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ from qmargin import losses
 from qmargin.errors import ConfigError
 from qmargin.quant import QuantSpec
 from qmargin.training import TrainConfig, lr_factor, quant_spec, resolve_defaults
-from qmargin.training.config import FALLBACK_MHL_B
 
 
 def test_defaults_are_valid_and_round_trip_through_json():
@@ -21,10 +20,11 @@ def test_defaults_are_valid_and_round_trip_through_json():
 
 def test_round_trip_of_a_full_config():
     cfg = TrainConfig(
-        dataset="mnist5k", model="vgg3", bits=4, quant="asym", per_channel=True, loss="mcel", margin=5.0,
-        bound=20.0, logit_scale=2.0, train_ber=0.01, w_max=0.1, epochs=3, batch_size=32, lr=0.01,
+        dataset="mnist5k", model="vgg3", bits=4, quant="asym", per_channel=True, loss="mcel",
+        loss_kwargs={"margin": 5.0, "bound": 20.0, "logit_scale": 2.0, "label_smoothing": 0.1},
+        train_ber=0.01, w_max=0.1, epochs=3, batch_size=32, lr=0.01,
         optimizer="sgd", momentum=0.8, weight_decay=5e-4, schedule="cosine", seed=7, device="cpu",
-        label_smoothing=0.1, data_dir="/tmp/x", model_kwargs={"channels": [8, 8], "hidden": 16},
+        data_dir="/tmp/x", model_kwargs={"channels": [8, 8], "hidden": 16},
     )
     back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
@@ -47,13 +47,13 @@ def test_numbers_are_normalised_so_round_trip_is_exact():
         ({"bits": 1, "quant": "asym"}, "bits=1"),
         ({"quant": "signed"}, "quant"),
         ({"loss": "focal"}, "loss"),
-        ({"loss": "mcel", "margin": -1.0}, "margin"),
-        ({"loss": "mcel", "bound": 0.0}, "bound"),
-        ({"loss": "mcel", "margin": 10.0, "bound": 4.0}, "margin"),
-        ({"loss": "mhl", "hinge_b": 0.0}, "hinge_b"),
-        ({"loss": "ce", "margin": 3.0}, "margin"),
-        ({"loss": "ce", "hinge_b": 3.0}, "hinge_b"),
-        ({"loss": "mhl", "label_smoothing": 0.1}, "label_smoothing"),
+        ({"loss": "mcel", "loss_kwargs": {"margin": -1.0}}, "margin"),
+        ({"loss": "mcel", "loss_kwargs": {"bound": 0.0}}, "bound"),
+        ({"loss": "mcel", "loss_kwargs": {"margin": 10.0, "bound": 4.0}}, "margin"),
+        ({"loss": "mhl", "loss_kwargs": {"b": 0.0}}, "b must"),
+        ({"loss": "ce", "loss_kwargs": {"margin": 3.0}}, "margin"),
+        ({"loss": "ce", "loss_kwargs": {"hinge_b": 3.0}}, "hinge_b"),
+        ({"loss": "mhl", "loss_kwargs": {"label_smoothing": 0.1}}, "label_smoothing"),
         ({"train_ber": -0.1}, "train_ber"),
         ({"train_ber": 0.7}, "train_ber"),
         ({"train_ber": 0.01, "bits": 32}, "train_ber"),
@@ -70,7 +70,7 @@ def test_numbers_are_normalised_so_round_trip_is_exact():
         ({"schedule": "linear"}, "schedule"),
         ({"seed": -1}, "seed"),
         ({"device": "tpu"}, "device"),
-        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"loss_kwargs": {"label_smoothing": 1.0}}, "label_smoothing"),
         ({"dataset": ""}, "dataset"),
         ({"model": None}, "model"),
         ({"model_kwargs": {"f": object()}}, "model_kwargs"),
@@ -111,22 +111,25 @@ def test_model_kwargs_are_copied():
 
 def test_resolve_defaults_reads_the_losses_constants(monkeypatch):
     cfg = resolve_defaults(TrainConfig(loss="mcel"))
-    assert (cfg.margin, cfg.bound) == (float(losses.DEFAULT_MCEL_MARGIN), float(losses.DEFAULT_MCEL_BOUND))
-    assert cfg.logit_scale is None
+    kw = cfg.loss_kwargs
+    assert (kw["margin"], kw["bound"]) == (
+        float(losses.DEFAULT_MCEL_MARGIN), float(losses.DEFAULT_MCEL_BOUND)
+    )
+    assert kw.get("logit_scale") is None
     monkeypatch.setattr(losses, "DEFAULT_MCEL_MARGIN", 3.5)
     monkeypatch.setattr(losses, "DEFAULT_MCEL_BOUND", 12.0)
     cfg = resolve_defaults(TrainConfig(loss="mcel"))
-    assert (cfg.margin, cfg.bound) == (3.5, 12.0)
+    assert (cfg.loss_kwargs["margin"], cfg.loss_kwargs["bound"]) == (3.5, 12.0)
     # explicit values win, and resolving is idempotent
-    cfg = resolve_defaults(TrainConfig(loss="mcel", margin=1.0))
-    assert (cfg.margin, cfg.bound) == (1.0, 12.0)
+    cfg = resolve_defaults(TrainConfig(loss="mcel", loss_kwargs={"margin": 1.0}))
+    assert (cfg.loss_kwargs["margin"], cfg.loss_kwargs["bound"]) == (1.0, 12.0)
     assert resolve_defaults(cfg) == cfg
 
 
 def test_resolve_defaults_mhl_and_ce():
     mhl = resolve_defaults(TrainConfig(loss="mhl"))
-    assert mhl.hinge_b == float(getattr(losses, "DEFAULT_MHL_B", FALLBACK_MHL_B))
-    assert mhl.margin is None and mhl.bound is None
+    assert mhl.loss_kwargs["b"] == float(losses.DEFAULT_MHL_B)
+    assert mhl.loss_kwargs.get("margin") is None and mhl.loss_kwargs.get("bound") is None
     ce = resolve_defaults(TrainConfig(loss="ce"))
     assert ce == TrainConfig(loss="ce")
 
@@ -150,7 +153,7 @@ def test_lr_factor_schedules():
 
 
 def test_unbounded_mcel_round_trips():
-    cfg = TrainConfig(loss="mcel", bound=float("inf"), margin=2.0)
+    cfg = TrainConfig(loss="mcel", loss_kwargs={"bound": float("inf"), "margin": 2.0})
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="bound"):
-        TrainConfig(loss="mcel", bound=float("-inf"))
+        TrainConfig(loss="mcel", loss_kwargs={"bound": float("-inf")})

@@ -136,13 +136,20 @@ def train(
     per_channel: Annotated[
         bool, typer.Option("--per-channel/--per-tensor", help="Scale per output channel.")
     ] = False,
-    loss: Annotated[str, typer.Option(help="ce | mcel | mhl")] = "ce",
+    loss: Annotated[str, typer.Option(help="ce | mcel | mhl (or a loss registered in Python)")] = "ce",
     margin: Annotated[float | None, typer.Option(help="MCEL margin M (default: from the ablation).")] = None,
     bound: Annotated[
         float | None, typer.Option(help="MCEL soft-clamp bound T (default: from the ablation).")
     ] = None,
     logit_scale: Annotated[float | None, typer.Option(help="MCEL fixed logit scale s.")] = None,
     hinge_b: Annotated[float | None, typer.Option(help="MHL hinge b.")] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option(help="CE / MCEL label smoothing in [0, 1).")
+    ] = None,
+    loss_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="A loss option key=value (value read as JSON, else as text); repeatable."),
+    ] = None,
     train_ber: Annotated[
         float, typer.Option(help="RandBET: train with bit errors at this BER (0: off).")
     ] = 0.0,
@@ -160,25 +167,28 @@ def train(
     certify: Annotated[
         bool, typer.Option(help="MonDEQ: certified (margin-aware) quantization-aware training.")
     ] = False,
-    hidden: Annotated[int | None, typer.Option(help="MonDEQ hidden size n / MLP width.")] = None,
+    hidden: Annotated[
+        int | None, typer.Option(help="Hidden width (MLP: both layers, VGG: classifier, MonDEQ: n).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Discard what the run directory holds and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train one model (resumes an interrupted run in the same directory)."""
     from qmargin.data import load_dataset
+    from qmargin.models import check_model_kwargs, hidden_kwargs
     from qmargin.training import TrainConfig
     from qmargin.training import train as train_run
 
-    model_kwargs: dict = {}
-    if model == "mondeq":
-        if certify:
-            model_kwargs["certify"] = True
-        if hidden is not None:
-            model_kwargs["n"] = hidden
-    elif certify:
-        raise ConfigError("--certify applies to --model mondeq only")
-    elif hidden is not None:
-        model_kwargs["hidden"] = [hidden, hidden] if model == "mlp" else hidden
+    model_kwargs: dict[str, object] = {} if hidden is None else hidden_kwargs(model, hidden)
+    if certify:
+        model_kwargs["certify"] = True
+    check_model_kwargs(model, model_kwargs)
+    knobs = {
+        "margin": margin, "bound": bound, "logit_scale": logit_scale, "b": hinge_b,
+        "label_smoothing": label_smoothing,
+    }
+    loss_kwargs: dict[str, object] = {k: v for k, v in knobs.items() if v is not None}
+    loss_kwargs |= _key_values("--loss-arg", loss_arg or [])
     config = TrainConfig(
         dataset=dataset,
         model=model,
@@ -186,10 +196,7 @@ def train(
         quant=quant,
         per_channel=per_channel,
         loss=loss,
-        margin=margin,
-        bound=bound,
-        logit_scale=logit_scale,
-        hinge_b=hinge_b,
+        loss_kwargs=loss_kwargs,
         train_ber=train_ber,
         w_max=w_max,
         epochs=epochs,
@@ -217,6 +224,26 @@ def train(
         f"test accuracy {result.test_acc:.4f}  ({result.config.loss}, {_bits_label(result.config.bits)}, "
         f"train time {result.train_time_s:.1f} s)  -> {out}"
     )
+
+
+def _key_values(flag: str, items: list[str]) -> dict[str, object]:
+    """``["k=v", ...]`` -> ``{k: v}``; ``v`` is read as JSON (numbers, ``Infinity``, lists), else as a
+    float (``inf``), else kept as text."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} needs key=value, got {item!r}")
+        value: object
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                value = text
+        out[key.strip()] = value
+    return out
 
 
 def _bits_label(bits: int) -> str:

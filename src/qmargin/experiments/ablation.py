@@ -47,10 +47,10 @@ class AblationPoint:
     def fields(self) -> dict[str, Any]:
         if self.loss == "ce":
             return {"loss": "ce"}
-        out: dict[str, Any] = {"loss": "mcel", "margin": self.margin, "logit_scale": self.logit_scale}
+        kw: dict[str, Any] = {"margin": self.margin, "logit_scale": self.logit_scale}
         # no clamp: a bound so large that tanh is the identity to float precision
-        out["bound"] = 1e9 if self.bound is None else self.bound
-        return out
+        kw["bound"] = 1e9 if self.bound is None else self.bound
+        return {"loss": "mcel", "loss_kwargs": {k: v for k, v in kw.items() if v is not None}}
 
 
 def default_grid() -> list[AblationPoint]:

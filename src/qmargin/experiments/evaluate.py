@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qmargin.training import TrainConfig
 
 __all__ = ["evaluate_run", "error_model_for", "post_training_quantized", "DEFAULT_PTQ_BITS"]
 
@@ -100,7 +105,7 @@ def evaluate_run(
     )
 
 
-def post_training_quantized(model: Any, config: Any, bits: int) -> Any:
+def post_training_quantized(model: nn.Module, config: TrainConfig, bits: int) -> nn.Module:
     """A quantized twin of a float run's model (same architecture, ``bits``-bit weights, eval mode)."""
     from qmargin.training.factory import make_model
 
@@ -114,7 +119,7 @@ def post_training_quantized(model: Any, config: Any, bits: int) -> Any:
     return q.eval()
 
 
-def _shape_of(model: Any, config: Any) -> tuple[tuple[int, ...], int]:
+def _shape_of(model: nn.Module, config: TrainConfig) -> tuple[tuple[int, ...], int]:
     from qmargin.data import dataset_info
 
     info = dataset_info(config.dataset)

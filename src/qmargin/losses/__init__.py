@@ -1,7 +1,8 @@
 """Classification losses on logits (design.md §3): CE, MCEL, margin hinge loss.
 
 Functional forms live in :mod:`qmargin.losses.functional`; :mod:`qmargin.losses.modules` wraps them
-as ``nn.Module``s and builds them by name (:func:`build_loss`).
+as ``nn.Module``s; :mod:`qmargin.losses.registry` builds them by name (:func:`build_loss`) and takes
+new ones (:func:`register_loss`), each builder validating its own options.
 """
 
 from qmargin.losses.functional import (
@@ -15,12 +16,19 @@ from qmargin.losses.functional import (
 from qmargin.losses.modules import (
     DEFAULT_MCEL_BOUND,
     DEFAULT_MCEL_MARGIN,
-    LOSSES,
+    DEFAULT_MHL_B,
     CrossEntropyLoss,
     MarginHingeLoss,
     MCELoss,
+)
+from qmargin.losses.registry import (
+    LossBuilder,
     available_losses,
     build_loss,
+    check_loss_kwargs,
+    loss_defaults,
+    loss_options,
+    register_loss,
 )
 
 __all__ = [
@@ -32,10 +40,15 @@ __all__ = [
     "classification_margin",
     "DEFAULT_MCEL_MARGIN",
     "DEFAULT_MCEL_BOUND",
+    "DEFAULT_MHL_B",
     "CrossEntropyLoss",
     "MCELoss",
     "MarginHingeLoss",
-    "LOSSES",
+    "LossBuilder",
+    "register_loss",
     "build_loss",
     "available_losses",
+    "loss_options",
+    "loss_defaults",
+    "check_loss_kwargs",
 ]

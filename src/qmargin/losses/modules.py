@@ -1,14 +1,12 @@
-"""``nn.Module`` wrappers of :mod:`qmargin.losses.functional`; they only hold the hyper-parameters."""
+"""``nn.Module`` wrappers of :mod:`qmargin.losses.functional`; they only hold the hyper-parameters.
+
+Build them by name with :func:`qmargin.losses.build_loss` (:mod:`qmargin.losses.registry`).
+"""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
-import torch
 from torch import Tensor, nn
 
-from qmargin.errors import ConfigError
 from qmargin.losses.functional import (
     check_hinge_b,
     check_label_smoothing,
@@ -24,15 +22,15 @@ __all__ = [
     "CrossEntropyLoss",
     "MCELoss",
     "MarginHingeLoss",
-    "LOSSES",
-    "build_loss",
-    "available_losses",
+    "DEFAULT_MHL_B",
 ]
 
 # Set by the ablation (docs/results/mcel_ablation.md, `qmargin reproduce mcel-ablation`): the most robust
 # (bound, margin) on mnist5k at 2 and 4 bits whose clean accuracy stays within 1 point of CE.
 DEFAULT_MCEL_MARGIN: float = 30.0
 DEFAULT_MCEL_BOUND: float = 30.0
+# MHL's hinge b when a training config does not set it (the value runs have always used).
+DEFAULT_MHL_B: float = 1.0
 
 CrossEntropyLoss = nn.CrossEntropyLoss
 """Plain cross entropy: ``torch.nn.CrossEntropyLoss`` itself (re-exported for symmetry)."""
@@ -103,50 +101,3 @@ class MarginHingeLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"b={self.b}, reduction={self.reduction!r}"
-
-
-LOSSES: dict[str, type[nn.Module]] = {
-    "ce": nn.CrossEntropyLoss,
-    "mcel": MCELoss,
-    "mhl": MarginHingeLoss,
-}
-
-# Options each loss accepts through build_loss (torch's CE also has legacy / exotic arguments we hide).
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ce": ("weight", "reduction", "label_smoothing"),
-    "mcel": ("margin", "bound", "logit_scale", "weight", "reduction", "label_smoothing"),
-    "mhl": ("b", "weight", "reduction"),
-}
-
-
-def available_losses() -> list[str]:
-    """Names :func:`build_loss` knows, sorted."""
-    return sorted(LOSSES)
-
-
-def build_loss(name: str, **kwargs: Any) -> nn.Module:
-    """The loss module ``name`` (``ce`` | ``mcel`` | ``mhl``) with the given options.
-
-    Unknown names, unknown or missing options and out-of-range values raise
-    :class:`~qmargin.errors.ConfigError`.
-    """
-    key = str(name).lower()
-    if key not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; available: {', '.join(available_losses())}")
-    unknown = sorted(set(kwargs) - set(_OPTIONS[key]))
-    if unknown:
-        raise ConfigError(
-            f"loss {key!r} takes no option {', '.join(unknown)} (options: {', '.join(_OPTIONS[key])})"
-        )
-    cls = LOSSES[key]
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"loss {key!r}: {err}") from None
-    if "reduction" in kwargs:
-        check_reduction(kwargs["reduction"])
-    if "label_smoothing" in kwargs:
-        check_label_smoothing(kwargs["label_smoothing"])
-    if kwargs.get("weight") is not None and not isinstance(kwargs["weight"], Tensor):
-        kwargs["weight"] = torch.as_tensor(kwargs["weight"], dtype=torch.float32)
-    return cls(**kwargs)

@@ -8,11 +8,19 @@ optional ``bias_spec``; quantized layers are :class:`~qmargin.quant.QuantLinear`
 from qmargin.models.layers import conv2d, linear
 from qmargin.models.mlp import MLP
 from qmargin.models.mondeq import MonDEQNet, build_mondeq
-from qmargin.models.registry import ModelBuilder, available_models, build_model, register_model
+from qmargin.models.registry import (
+    HiddenMapper,
+    ModelBuilder,
+    available_models,
+    build_model,
+    check_model_kwargs,
+    hidden_kwargs,
+    register_model,
+)
 from qmargin.models.resnet import BasicBlock, CifarResNet, resnet20
 from qmargin.models.vgg import VGG, vgg3, vgg7
 
-register_model("mondeq", build_mondeq, overwrite=True)  # the MonDEQ classifier of qmargin.deq
+register_model("mondeq", build_mondeq, hidden="n", overwrite=True)  # the MonDEQ classifier of qmargin.deq
 
 __all__ = [
     "MLP",
@@ -27,6 +35,9 @@ __all__ = [
     "linear",
     "conv2d",
     "ModelBuilder",
+    "HiddenMapper",
+    "hidden_kwargs",
+    "check_model_kwargs",
     "register_model",
     "build_model",
     "available_models",

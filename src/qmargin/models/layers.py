@@ -86,7 +86,8 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ConfigError(f"input_shape must be (channels, height, width) of positive ints, got {shape}")
-    return shape  # type: ignore[return-value]
+    c, h, w = shape
+    return (c, h, w)
 
 
 def check_num_classes(num_classes: int) -> int:

@@ -3,13 +3,18 @@
 A builder is any callable ``builder(*, input_shape, num_classes, spec, bias_spec, **kwargs) -> nn.Module``.
 Built-in names: ``mlp``, ``vgg3``, ``vgg7``, ``resnet20``. Other packages add theirs with
 :func:`register_model` (e.g. ``mondeq``).
+
+A registration may say what one *hidden width* (the CLI's ``--hidden``) means for that architecture:
+``hidden="n"`` (the width is the keyword argument ``n``) or a callable ``width -> kwargs`` (the MLP
+makes it two layers of that width). :func:`hidden_kwargs` applies it.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -21,24 +26,94 @@ from qmargin.models.resnet import resnet20
 from qmargin.models.vgg import vgg3, vgg7
 from qmargin.quant import QuantSpec
 
-__all__ = ["ModelBuilder", "register_model", "build_model", "available_models"]
+__all__ = [
+    "ModelBuilder",
+    "HiddenMapper",
+    "register_model",
+    "build_model",
+    "available_models",
+    "hidden_kwargs",
+    "check_model_kwargs",
+]
 
 ModelBuilder = Callable[..., nn.Module]
+HiddenMapper = Callable[[int], dict[str, Any]]
+"""``mapper(width) -> builder kwargs``: what one hidden width means for an architecture."""
 
 _BUILDERS: dict[str, ModelBuilder] = {}
+_HIDDEN: dict[str, HiddenMapper] = {}
 
 
-def register_model(name: str, builder: ModelBuilder, *, overwrite: bool = False) -> None:
+def register_model(
+    name: str, builder: ModelBuilder, *, hidden: str | HiddenMapper | None = None, overwrite: bool = False
+) -> None:
     """Make ``builder`` available to :func:`build_model` under ``name`` (case-insensitive).
 
-    Raises ``ValueError`` if the name is taken and ``overwrite`` is False (a programming error).
+    ``hidden`` says what a single hidden width means for it (:func:`hidden_kwargs`): the name of the
+    builder's keyword argument that takes it, or a callable ``width -> kwargs``; ``None``: the
+    architecture has no such width. Raises ``ValueError`` if the name is taken and ``overwrite`` is
+    False (a programming error).
     """
     key = name.lower()
     if not key or not callable(builder):
         raise ValueError("register_model needs a non-empty name and a callable builder")
     if key in _BUILDERS and not overwrite:
         raise ValueError(f"model {key!r} is already registered (pass overwrite=True to replace it)")
+    if hidden is not None and not (isinstance(hidden, str) and hidden) and not callable(hidden):
+        raise ValueError("register_model: hidden must be a keyword name, a callable or None")
     _BUILDERS[key] = builder
+    _HIDDEN.pop(key, None)
+    if isinstance(hidden, str):
+        _HIDDEN[key] = partial(_width_as, hidden)
+    elif hidden is not None:
+        _HIDDEN[key] = hidden
+
+
+def _width_as(keyword: str, width: int) -> dict[str, Any]:
+    return {keyword: width}
+
+
+def _key(name: str) -> str:
+    key = str(name).lower()
+    if key not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return key
+
+
+def hidden_kwargs(name: str, width: int) -> dict[str, Any]:
+    """The builder kwargs that give model ``name`` the hidden width ``width`` (``--hidden``).
+
+    Built in: ``mlp`` -> ``{"hidden": [width, width]}``, ``vgg3`` / ``vgg7`` -> ``{"hidden": width}``
+    (the classifier's hidden layer), ``mondeq`` -> ``{"n": width}``. An unknown model, one without a
+    hidden width (``resnet20``) or a width < 1 raises :class:`~qmargin.errors.ConfigError`.
+    """
+    key = _key(name)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(f"hidden width must be a positive integer, got {width!r}")
+    mapper = _HIDDEN.get(key)
+    if mapper is None:
+        raise ConfigError(f"model {key!r} has no single hidden width to set")
+    return dict(mapper(width))
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """``ConfigError`` unless model ``name`` is registered and its builder takes every name in ``kwargs``.
+
+    Values are not checked here (the builder does that when it runs).
+    """
+    key = _key(name)
+    try:
+        sig = inspect.signature(_BUILDERS[key])
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    fixed = {"input_shape", "num_classes", "spec", "bias_spec"}
+    options = [n for n, p in sig.parameters.items() if n not in fixed and p.kind is not p.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        accepted = ", ".join(options) or "none"
+        raise ConfigError(f"model {key!r} takes no option {', '.join(unknown)} (options: {accepted})")
 
 
 def available_models() -> list[str]:
@@ -49,7 +124,7 @@ def available_models() -> list[str]:
 def build_model(
     name: str,
     *,
-    input_shape: tuple[int, int, int],
+    input_shape: Sequence[int],
     num_classes: int,
     spec: QuantSpec | None,
     bias_spec: QuantSpec | None = None,
@@ -61,9 +136,7 @@ def build_model(
     ``batchnorm``, ``shortcut``, ``keep_first_last_float``). An unknown name, an option the builder
     does not take, or a bad value raises :class:`~qmargin.errors.ConfigError`.
     """
-    key = str(name).lower()
-    if key not in _BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    key = _key(name)
     builder = _BUILDERS[key]
     shape = check_input_shape(input_shape)
     check_num_classes(num_classes)
@@ -147,7 +220,11 @@ def _build_resnet20(
     )
 
 
-register_model("mlp", _build_mlp)
-register_model("vgg3", _build_vgg3)
-register_model("vgg7", _build_vgg7)
+def _mlp_hidden(width: int) -> dict[str, Any]:
+    return {"hidden": [width, width]}  # two hidden layers of that width (the default MLP's shape)
+
+
+register_model("mlp", _build_mlp, hidden=_mlp_hidden)
+register_model("vgg3", _build_vgg3, hidden="hidden")
+register_model("vgg7", _build_vgg7, hidden="hidden")
 register_model("resnet20", _build_resnet20)

@@ -39,6 +39,7 @@ from qmargin.training.randbet import (
 )
 from qmargin.training.trainer import (
     ProgressCallback,
+    TrainingData,
     TrainResult,
     epoch_permutation,
     evaluate_accuracy,
@@ -53,6 +54,7 @@ __all__ = [
     "train",
     "TrainResult",
     "ProgressCallback",
+    "TrainingData",
     "load_run",
     "read_run_config",
     "evaluate_accuracy",

@@ -1,9 +1,14 @@
 """`TrainConfig`: everything that defines one training run, validated, JSON round-trippable.
 
-A config is *resolved* by :func:`resolve_defaults`: the loss-specific knobs that the user left at
-``None`` are filled from the constants of :mod:`qmargin.losses` (one place, so the defaults chosen by
-the ablation reach every run). The trainer only ever sees resolved configs, and ``config.json`` of a
-run directory stores the resolved form.
+The loss is a registry name (:func:`qmargin.losses.register_loss`) plus ``loss_kwargs``, validated by
+that loss's own builder. A config is *resolved* by :func:`resolve_defaults`: the builder's config
+defaults (:func:`qmargin.losses.loss_defaults`, e.g. MCEL's margin and bound from the ablation) are
+filled into ``loss_kwargs`` where the user left them out. The trainer only ever sees resolved configs,
+and ``config.json`` of a run directory stores the resolved form.
+
+Configs written before ``loss_kwargs`` existed kept the loss knobs as flat keys (``margin``, ``bound``,
+``logit_scale``, ``hinge_b``, ``label_smoothing``); :meth:`TrainConfig.from_dict` maps them into
+``loss_kwargs`` (see :data:`LEGACY_LOSS_KEYS`).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from qmargin.errors import ConfigError
+from qmargin.losses import check_loss_kwargs, loss_defaults, loss_options
 
 __all__ = [
     "TrainConfig",
     "resolve_defaults",
-    "LOSSES",
+    "LEGACY_LOSS_KEYS",
     "OPTIMIZERS",
     "SCHEDULES",
     "DEVICES",
@@ -26,7 +32,6 @@ __all__ = [
     "FLOAT_BITS",
 ]
 
-LOSSES = ("ce", "mcel", "mhl")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,15 +39,16 @@ QUANT_MODES = ("sym", "asym")
 FLOAT_BITS = 32
 """``bits=32`` means a float model (no quantized layers)."""
 
-# Which loss uses which optional knob (None = "take the library default").
-_LOSS_KNOBS: dict[str, tuple[str, ...]] = {
-    "ce": ("label_smoothing",),
-    "mcel": ("margin", "bound", "logit_scale", "label_smoothing"),
-    "mhl": ("hinge_b",),
+LEGACY_LOSS_KEYS: dict[str, str] = {
+    "margin": "margin",
+    "bound": "bound",
+    "logit_scale": "logit_scale",
+    "hinge_b": "b",
+    "label_smoothing": "label_smoothing",
 }
-FALLBACK_MHL_B = 1.0
-"""MHL hinge b used when :mod:`qmargin.losses` defines no ``DEFAULT_MHL_B``."""
-_OPTIONAL_KNOBS = ("margin", "bound", "logit_scale", "hinge_b")
+"""Flat loss keys of configs written before ``loss_kwargs`` -> their ``loss_kwargs`` name."""
+_LEGACY_UNSET: dict[str, Any] = {"label_smoothing": 0.0}
+"""A legacy key holding its old field default (``None``, or these values) set nothing and is dropped."""
 
 
 def _is_int(v: Any) -> bool:
@@ -64,13 +70,15 @@ class TrainConfig:
         bits: weight word width b, 1..8 (quantized, design.md §1) or 32 (float model).
         quant: ``"sym"`` (two's complement codes, zero point 0) or ``"asym"`` (unsigned codes).
         per_channel: one scale per output channel instead of one per tensor.
-        loss: ``"ce"`` | ``"mcel"`` | ``"mhl"`` (design.md §3).
-        margin: MCEL margin M (``None``: ``qmargin.losses.DEFAULT_MCEL_MARGIN``).
-        bound: MCEL soft-clamp bound T (``None``: ``qmargin.losses.DEFAULT_MCEL_BOUND``; ``inf``: no
-            clamp, written ``Infinity`` in JSON).
-        logit_scale: MCEL logit scale s, applied before the clamp (``None``: 1).
-        hinge_b: MHL hinge b (``None``: ``qmargin.losses.DEFAULT_MHL_B`` if defined, else 1.0).
-        label_smoothing: CE / MCEL label smoothing in [0, 1).
+        loss: a registered loss, ``qmargin.losses.available_losses()``: ``"ce"`` | ``"mcel"`` |
+            ``"mhl"`` built in (design.md §3), more through ``qmargin.losses.register_loss``.
+        loss_kwargs: options of the loss's builder (JSON values), checked by that builder; left-out
+            options take the builder's defaults (:func:`resolve_defaults`). Built in: ``ce``
+            ``{label_smoothing}``; ``mcel`` ``{margin, bound, logit_scale, label_smoothing}`` (margin M
+            and bound T default to ``qmargin.losses.DEFAULT_MCEL_MARGIN`` / ``DEFAULT_MCEL_BOUND``;
+            ``bound = inf``: no clamp, written ``Infinity`` in JSON; logit scale s unset = 1); ``mhl``
+            ``{b}`` (hinge b, default ``qmargin.losses.DEFAULT_MHL_B``). All three also take
+            ``weight`` (per-class list) and ``reduction``.
         train_ber: RandBET training bit error rate p_train; 0 trains without bit errors.
         w_max: weight clipping to [-w_max, w_max] (and quantizer scale w_max / qmax); ``None``: off.
         epochs, batch_size, lr, optimizer, momentum (SGD only), weight_decay: the optimisation.
@@ -87,10 +95,7 @@ class TrainConfig:
     quant: str = "sym"
     per_channel: bool = False
     loss: str = "ce"
-    margin: float | None = None
-    bound: float | None = None
-    logit_scale: float | None = None
-    hinge_b: float | None = None
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
     train_ber: float = 0.0
     w_max: float | None = None
     epochs: int = 10
@@ -102,7 +107,6 @@ class TrainConfig:
     schedule: str = "none"
     seed: int = 0
     device: str = "auto"
-    label_smoothing: float = 0.0
     data_dir: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -125,31 +129,15 @@ class TrainConfig:
             raise ConfigError("bits=1 is a symmetric sign code; use quant='sym' or bits >= 2")
         if not isinstance(self.per_channel, bool):
             raise ConfigError(f"per_channel must be true or false, got {self.per_channel!r}")
-        _choice("loss", self.loss, LOSSES)
-        for name in _OPTIONAL_KNOBS:
-            v = getattr(self, name)
-            if v is None:
-                continue
-            unbounded = name == "bound" and isinstance(v, float) and v == math.inf
-            if not (_is_num(v) or unbounded):
-                raise ConfigError(f"{name} must be a finite number, got {v!r}")
-            if name not in _LOSS_KNOBS[self.loss]:
-                users = [k for k, knobs in _LOSS_KNOBS.items() if name in knobs]
-                raise ConfigError(f"{name} applies to loss {' / '.join(users)}, not to loss {self.loss!r}")
-            self._set(name, float(v))
-        if self.margin is not None and self.margin < 0:
-            raise ConfigError(f"margin must be >= 0, got {self.margin}")
-        for name in ("bound", "logit_scale", "hinge_b"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ConfigError(f"{name} must be > 0, got {v}")
-        if self.margin is not None and self.bound is not None and self.margin >= 2 * self.bound:
-            raise ConfigError(
-                f"margin {self.margin} >= 2 * bound {self.bound}: logits clamped to (-T, T) cannot reach it"
-            )
-        self._number("label_smoothing", lo=0.0, hi=1.0, hi_open=True)
-        if self.label_smoothing and "label_smoothing" not in _LOSS_KNOBS[self.loss]:
-            raise ConfigError(f"label_smoothing applies to loss ce / mcel, not to loss {self.loss!r}")
+        if not isinstance(self.loss, str) or not self.loss.strip():
+            raise ConfigError(f"loss must be a non-empty name, got {self.loss!r}")
+        self._set("loss", self.loss.lower())
+        loss_options(self.loss)  # an unknown loss is a ConfigError naming the registered ones
+        self._set("loss_kwargs", _json_mapping("loss_kwargs", self.loss_kwargs))
+        try:
+            check_loss_kwargs(self.loss, self.loss_kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"loss_kwargs: {err}" if self.loss_kwargs else str(err)) from None
         self._number("train_ber", lo=0.0, hi=0.5)
         if self.train_ber > 0 and self.bits == FLOAT_BITS:
             raise ConfigError("train_ber > 0 (RandBET) needs a quantized model: set bits to 1..8")
@@ -171,13 +159,7 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             self._set("data_dir", str(self.data_dir))
-        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
-            raise ConfigError(f"model_kwargs must be a mapping of names to values, got {self.model_kwargs!r}")
-        try:
-            kwargs = json.loads(json.dumps(self.model_kwargs))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model_kwargs must hold JSON values only: {err}") from None
-        self._set("model_kwargs", kwargs)
+        self._set("model_kwargs", _json_mapping("model_kwargs", self.model_kwargs))
 
     def _number(
         self, name: str, *, lo: float | None = None, hi: float | None = None,
@@ -212,13 +194,20 @@ class TrainConfig:
         """Plain JSON-ready dict of every field."""
         d = asdict(self)
         d["model_kwargs"] = json.loads(json.dumps(self.model_kwargs))
+        d["loss_kwargs"] = json.loads(json.dumps(self.loss_kwargs))
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`, missing ones take defaults."""
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`, missing ones take defaults.
+
+        Also reads configs written before ``loss_kwargs`` existed: their flat loss keys
+        (:data:`LEGACY_LOSS_KEYS`) move into ``loss_kwargs`` (``hinge_b`` as ``b``); a key holding its old
+        default (``null``; ``label_smoothing`` 0) or one the loss does not accept is dropped.
+        """
         if not isinstance(d, dict):
             raise ConfigError(f"a training config must be a JSON object, got {type(d).__name__}")
+        d = _from_legacy(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -246,29 +235,48 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _loss_defaults() -> dict[str, float]:
-    """The library defaults of the loss knobs, read from :mod:`qmargin.losses` at call time."""
-    from qmargin import losses
+def _json_mapping(name: str, value: Any) -> dict[str, Any]:
+    """A deep copy of ``value`` through JSON (``inf`` stays ``inf``); ``ConfigError`` unless it is one."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{name} must be a mapping of names to values, got {value!r}")
+    try:
+        out: dict[str, Any] = json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{name} must hold JSON values only: {err}") from None
+    return out
 
-    return {
-        "margin": float(losses.DEFAULT_MCEL_MARGIN),
-        "bound": float(losses.DEFAULT_MCEL_BOUND),
-        "hinge_b": float(getattr(losses, "DEFAULT_MHL_B", FALLBACK_MHL_B)),
-    }
+
+def _from_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with the flat loss keys of an old config moved into ``loss_kwargs``."""
+    legacy = [k for k in LEGACY_LOSS_KEYS if k in d]
+    if not legacy:
+        return d
+    if "loss_kwargs" in d:
+        raise ConfigError(f"config mixes loss_kwargs with the old flat loss key(s) {', '.join(legacy)}")
+    out = {k: v for k, v in d.items() if k not in LEGACY_LOSS_KEYS}
+    try:
+        accepted = loss_options(d.get("loss", "ce"))
+    except (ConfigError, TypeError):
+        return out  # an unknown loss: the constructor says so
+    kwargs: dict[str, Any] = {}
+    for old in legacy:
+        value, new = d[old], LEGACY_LOSS_KEYS[old]
+        unset = value is None or (old in _LEGACY_UNSET and value == _LEGACY_UNSET[old])
+        if not unset and (accepted is None or new in accepted):
+            kwargs[new] = value
+    out["loss_kwargs"] = kwargs
+    return out
 
 
 def resolve_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill the loss-specific knobs left at ``None`` with the library defaults.
+    """``config`` with its loss's config defaults filled into ``loss_kwargs`` where they are not set.
 
-    MCEL gets ``margin = DEFAULT_MCEL_MARGIN`` and ``bound = DEFAULT_MCEL_BOUND`` from
-    :mod:`qmargin.losses` (``logit_scale`` stays ``None``, i.e. s = 1); MHL gets
-    ``hinge_b = DEFAULT_MHL_B`` when the losses package defines it, else ``FALLBACK_MHL_B``. Knobs that
-    do not belong to the chosen loss stay ``None``. Idempotent.
+    The defaults are :func:`qmargin.losses.loss_defaults` read now: MCEL gets ``margin =
+    DEFAULT_MCEL_MARGIN`` and ``bound = DEFAULT_MCEL_BOUND`` (``logit_scale`` stays unset, i.e. s = 1),
+    MHL gets ``b = DEFAULT_MHL_B``, CE nothing. Explicit values win. Idempotent.
     """
-    wanted = _LOSS_KNOBS[config.loss]
-    missing = [k for k in _OPTIONAL_KNOBS if k in wanted and getattr(config, k) is None]
+    defaults = loss_defaults(config.loss)
+    missing = {k: v for k, v in defaults.items() if k not in config.loss_kwargs}
     if not missing:
         return config
-    defaults = _loss_defaults()
-    changes = {k: defaults[k] for k in missing if k in defaults}
-    return replace(config, **changes) if changes else config
+    return replace(config, loss_kwargs={**config.loss_kwargs, **missing})

@@ -6,14 +6,14 @@ schedule, device. One place, shared by :func:`~qmargin.training.trainer.train` a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from qmargin.errors import ConfigError
 from qmargin.quant import QuantSpec
-from qmargin.training.config import TrainConfig
+from qmargin.training.config import TrainConfig, resolve_defaults
 
 __all__ = [
     "quant_spec",
@@ -52,27 +52,22 @@ def make_model(config: TrainConfig, input_shape: Sequence[int], num_classes: int
 
 
 def make_loss(config: TrainConfig) -> nn.Module:
-    """The loss module of a *resolved* config (``qmargin.losses.build_loss``)."""
+    """The loss module of a config: ``qmargin.losses.build_loss(config.loss, **loss_kwargs)``.
+
+    ``loss_kwargs`` are completed with the loss's config defaults first (as :func:`resolve_defaults`
+    does), so a resolved and an unresolved config build the same loss.
+    """
     from qmargin.losses import build_loss
 
-    if config.loss == "ce":
-        return build_loss("ce", label_smoothing=config.label_smoothing)
-    if config.loss == "mcel":
-        return build_loss(
-            "mcel", margin=config.margin, bound=config.bound, logit_scale=config.logit_scale,
-            label_smoothing=config.label_smoothing,
-        )
-    if config.hinge_b is None:
-        raise ConfigError("loss 'mhl' needs hinge_b (resolve the config with resolve_defaults first)")
-    return build_loss("mhl", b=config.hinge_b)
+    return build_loss(config.loss, **resolve_defaults(config).loss_kwargs)
 
 
-def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """Adam or SGD (with ``momentum``) at ``lr`` with L2 ``weight_decay``."""
-    params = list(params)
+    plist = list(params)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.Adam(plist, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(plist, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:

@@ -67,11 +67,11 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: ``target`` (bit-exact). Backward: the incoming gradient goes to ``w_hat`` unchanged."""
 
     @staticmethod
-    def forward(ctx, w_hat: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, w_hat: Tensor, target: Tensor) -> Tensor:
         return target.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
@@ -269,9 +269,9 @@ def clip_weights_(model: nn.Module, w_max: float) -> int:
         if isinstance(p, nn.Parameter) and id(p) not in seen:
             p.clamp_(-w_max, w_max)
             seen.add(id(p))
-    for m in model.modules():
-        if isinstance(m, nn.Linear | nn.Conv2d) and not isinstance(m, QuantizedTensors):
-            p = m.weight
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear | nn.Conv2d) and not isinstance(mod, QuantizedTensors):
+            p = mod.weight
             if id(p) not in seen:
                 p.clamp_(-w_max, w_max)
                 seen.add(id(p))

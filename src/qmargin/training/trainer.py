@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +53,7 @@ from qmargin.training.factory import make_loss, make_model, make_optimizer, make
 from qmargin.training.randbet import RandBET, clip_weights_
 
 __all__ = [
+    "TrainingData",
     "ProgressCallback",
     "TrainResult",
     "train",
@@ -67,6 +69,34 @@ RUN_FILES = (CONFIG_FILE, MODEL_FILE, INTEGER_FILE, METRICS_FILE, CHECKPOINT_FIL
 
 # Config fields that may differ between the run that started a directory and the one resuming it.
 _RESUMABLE_DIFFERENCES = frozenset({"device", "data_dir"})
+
+
+class _DataInfo(Protocol):
+    @property
+    def input_shape(self) -> Sequence[int]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+
+class TrainingData(Protocol):
+    """What :func:`train` reads of a dataset (``qmargin.data.Dataset`` is one): the four tensors and
+    ``info.input_shape`` / ``info.num_classes`` (``info.name``, when present, is recorded)."""
+
+    @property
+    def x_train(self) -> Tensor: ...
+
+    @property
+    def y_train(self) -> Tensor: ...
+
+    @property
+    def x_test(self) -> Tensor: ...
+
+    @property
+    def y_test(self) -> Tensor: ...
+
+    @property
+    def info(self) -> _DataInfo: ...
 
 
 class ProgressCallback(Protocol):
@@ -186,7 +216,7 @@ def _check_same_config(run_dir: Path, stored: TrainConfig, config: TrainConfig) 
         )
 
 
-def _tensors(dataset: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tensors(dataset: TrainingData, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     try:
         parts = [dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test]
     except AttributeError as err:
@@ -212,7 +242,7 @@ def _remove_run_files(run_dir: Path) -> None:
 def train(
     config: TrainConfig,
     *,
-    dataset: Any | None = None,
+    dataset: TrainingData | None = None,
     out_dir: str | Path,
     progress: ProgressCallback | Callable[[int, int, dict[str, Any]], None] | None = None,
     resume: bool = True,
@@ -269,7 +299,7 @@ def train(
     scheduler = make_scheduler(cfg, optimizer)
     randbet = RandBET(cfg.train_ber, cfg.seed) if cfg.randbet else None
 
-    meta = {
+    meta: dict[str, Any] = {
         "config": cfg.to_dict(),
         "input_shape": list(input_shape),
         "num_classes": num_classes,
@@ -316,7 +346,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             if randbet is not None:
                 out = randbet.backward(
-                    model, lambda m, xb=xb, yb=yb: objective(m, xb, yb, loss_fn), state.global_step
+                    model, partial(objective, x=xb, y=yb, loss_fn=loss_fn), state.global_step
                 )
                 loss, logits, loss_err = out.loss, out.logits, out.loss_err
             else:
