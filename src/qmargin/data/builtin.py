@@ -97,7 +97,11 @@ def stratified_split(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(idx.size)]
-        n_test = test_per_class if test_per_class is not None else math.floor(test_fraction * idx.size + 0.5)
+        if test_per_class is not None:
+            n_test = test_per_class
+        else:
+            assert test_fraction is not None  # exactly one of the two is given (checked above)
+            n_test = math.floor(test_fraction * idx.size + 0.5)
         if not 0 < n_test < idx.size:
             raise ValueError(f"class {c} has {idx.size} samples, cannot put {n_test} in the test split")
         test_parts.append(idx[:n_test])

@@ -22,7 +22,7 @@ import numpy as np
 
 from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.experiments.evaluate import error_model_for
-from qmargin.experiments.files import write_text_atomic
+from qmargin.files import write_text_atomic
 
 __all__ = ["AblationPoint", "default_grid", "run_mcel_ablation", "select_default", "ablation_markdown"]
 

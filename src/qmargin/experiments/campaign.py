@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
-from qmargin.experiments.files import write_text_atomic
+from qmargin.files import write_text_atomic
 from qmargin.quant import quantized_modules
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Any
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.experiments.evaluate import error_model_for
-from qmargin.experiments.files import copy_file_atomic, write_text_atomic
+from qmargin.files import copy_file_atomic, write_text_atomic
 
 __all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction", "mcel_markdown"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from qmargin.errors import ConfigError
-from qmargin.experiments.files import copy_file_atomic, write_text_atomic
+from qmargin.files import copy_file_atomic, write_text_atomic
 
 __all__ = ["MonDEQPreset", "PRESETS", "run_mondeq_reproduction", "ptq_certificates", "mondeq_markdown"]
 
