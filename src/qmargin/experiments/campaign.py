@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
-from qmargin.faults import BitErrorModel, inject, select_tensors
 from qmargin.files import write_text_atomic
 from qmargin.quant import quantized_modules
 
@@ -319,6 +318,9 @@ def run_ber_campaign(
     ``ber`` set to ``None``), ``config``, ``fingerprint`` (SHA-256 of model state and test data),
     ``evaluation``, ``qmargin_version``, ``status`` and ``timing``.
     """
+    # Looked up per call, not at import: callers (and tests) may substitute qmargin.faults.inject.
+    from qmargin.faults import BitErrorModel, inject, select_tensors
+
     x = torch.as_tensor(x_test)
     y = torch.as_tensor(y_test).long()
     grid = _check_inputs(x, y, bers, repeats, base_seed, batch_size, patterns_per_pass)
