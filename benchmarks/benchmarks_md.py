@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from qmargin.files import write_text_atomic
 
 
 def write_section(text: str, path: Path, section: str) -> None:
@@ -16,6 +17,4 @@ def write_section(text: str, path: Path, section: str) -> None:
     else:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    write_text_atomic(path, new)

@@ -321,3 +321,32 @@ def test_evaluate_patterns_per_pass_gives_the_loop_numbers(tmp_path):
         assert proc.returncode == 0, proc.stderr
         outs.append(json.loads(out.read_text())["results"])
     assert [r["accuracies"] for r in outs[0]] == [r["accuracies"] for r in outs[1]]
+
+
+def test_help_loads_neither_torch_nor_matplotlib():
+    """``qmargin --help`` stays fast: the commands import experiments/report (torch, matplotlib) lazily."""
+    code = (
+        "import sys\n"
+        "from qmargin.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'matplotlib', 'numpy') if m in sys.modules)\n"
+        "print('heavy=' + ','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "heavy="
+
+
+def test_evaluate_seed_default_is_the_experiments_pattern_seed():
+    import inspect
+
+    from qmargin.cli.app import evaluate
+    from qmargin.experiments.runs import PATTERN_BASE_SEED
+
+    assert inspect.signature(evaluate).parameters["seed"].default == PATTERN_BASE_SEED
+
+
+def test_datasets_lists_the_registry(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "1x8x8" in out and "cifar10" in out and "3x32x32" in out

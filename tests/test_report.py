@@ -142,3 +142,88 @@ def test_plot_single_result_and_clean_only(tmp_path: Path):
         "results": [{"ber": 0.0, **summarize_accuracies(same), "accuracies": same}],
     }
     assert plot_accuracy_vs_ber(only_clean, tmp_path / "c.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# -- the reproductions' markdown: the committed docs/results/*.md regenerate from their JSON ----------
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def _ablation_md(stored: dict) -> str:
+    from qmargin.report import ablation_markdown
+
+    rows = stored["rows"]
+    # bits, BERs and seeds are in the rows; epochs, patterns and tolerance are run_mcel_ablation's defaults
+    return ablation_markdown(
+        rows,
+        stored["selected"],
+        bits=list(dict.fromkeys(r["bits"] for r in rows)),
+        bers=[float(k.removeprefix("ber_")) for k in rows[0] if k.startswith("ber_")],
+        seeds=rows[0]["seeds"],
+        epochs=30,
+        repeats=20,
+        clean_tolerance=0.01,
+    )
+
+
+def _render(name: str, stored: dict) -> str:
+    from qmargin.report import mcel_markdown, mondeq_markdown
+
+    if name.startswith("mcel_ablation"):
+        return _ablation_md(stored)
+    return (mcel_markdown if name.startswith("mcel_") else mondeq_markdown)(stored)
+
+
+@pytest.mark.parametrize("name", ["mcel_fast", "mcel_ablation", "mondeq_fast", "mondeq_full"])
+def test_committed_results_render_identically(name):
+    import json
+
+    stored = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+    assert _render(name, stored) == (RESULTS / f"{name}.md").read_text(encoding="utf-8")
+    # the comparison can fail: a changed number changes the table
+    first = stored["rows"][0] if "rows" in stored else stored["float"][0]
+    key = "clean" if name == "mcel_ablation" else "accuracy" if "accuracy" in first else "results"
+    if key == "results":
+        first["results"][0]["mean"] = 0.123456
+    elif key == "clean":
+        first["clean"] = [0.123456] * len(first["clean"])
+    else:
+        first["accuracy"] = 0.123456
+    assert _render(name, stored) != (RESULTS / f"{name}.md").read_text(encoding="utf-8")
+
+
+def _mondeq_summary() -> dict:
+    rng = np.random.default_rng(0)
+    dist = 10 ** rng.uniform(-4, -1, 30)
+    ptq = [
+        {
+            "bits": b,
+            "per_channel": pc,
+            "delta_w_norm": 2.0**-b,
+            "margin_quantized": 0.2 - 2.0**-b,
+            "margin": 0.2,
+        }
+        for pc in (False, True)
+        for b in (3, 4, 8)
+    ]
+    disp = [
+        {
+            "bits": "8",
+            "distances": dist.tolist(),
+            "bound_full": (2 * dist).tolist(),
+            "bound_paper": dist.tolist(),
+        }
+    ]
+    return {"ptq": ptq, "displacement": disp}
+
+
+def test_mondeq_plots_write_pngs(tmp_path: Path):
+    from qmargin.report import plot_mondeq_displacement, plot_mondeq_margin_vs_bits
+
+    s = _mondeq_summary()
+    a = plot_mondeq_margin_vs_bits(s, tmp_path / "out" / "m.png")
+    b = plot_mondeq_displacement(s, tmp_path / "out" / "d.png")
+    assert a.read_bytes()[:8] == PNG_SIGNATURE and b.read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.png", "m.png"]
+    # the same results draw the same bytes
+    assert plot_mondeq_margin_vs_bits(s, tmp_path / "again.png").read_bytes() == a.read_bytes()

@@ -1,4 +1,9 @@
-"""The ``qmargin`` command: flags, printing, progress bars and exit codes live here and nowhere else."""
+"""The ``qmargin`` command: flags, printing, progress bars and exit codes live here and nowhere else.
+
+Goes through ``qmargin.experiments`` (and renders with ``qmargin.report``) only. Those two are
+imported inside the commands: importing them loads torch or matplotlib (1-2 s), and ``qmargin
+--help`` and the usage errors should answer at once.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qmargin.errors import ConfigError
+from qmargin.files import write_json_atomic as atomic_write_json
 
 app = typer.Typer(
     add_completion=False,
@@ -97,8 +104,8 @@ def demo(
     bers = parse_bers(ber)
     if not 1 <= bits <= 8:
         raise ConfigError(f"--bits must be in 1..8, got {bits}")
-    from qmargin.experiments.demo import run_demo
-    from qmargin.report import compare_table
+    from qmargin.experiments.demo import run_demo  # lazy: torch (see the module docstring)
+    from qmargin.report import compare_table  # lazy: matplotlib
 
     console.print(f"[bold]qmargin demo[/]: digits, MLP 64-256-256-10, {bits}-bit weights, CE vs MCEL")
     result = run_demo(
@@ -115,7 +122,7 @@ def demo(
     for label, t in result["train_time_s"].items():
         console.print(f"  training time {label}: {t:.1f} s")
     if result.get("certificates"):
-        from qmargin.report.certificates import certificate_table
+        from qmargin.report.certificates import certificate_table  # lazy: matplotlib (qmargin.report)
 
         console.print(certificate_table(result["certificates"], title=result["mondeq_title"]))
     console.print(f"results: {result['out_dir']}")
@@ -174,10 +181,13 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train one model (resumes an interrupted run in the same directory)."""
-    from qmargin.data import load_dataset
-    from qmargin.models import check_model_kwargs, hidden_kwargs
-    from qmargin.training import TrainConfig
-    from qmargin.training import train as train_run
+    from qmargin.experiments.runs import (  # lazy: torch
+        TrainConfig,
+        check_model_kwargs,
+        hidden_kwargs,
+        load_dataset,
+        train_run,
+    )
 
     model_kwargs: dict[str, object] = {} if hidden is None else hidden_kwargs(model, hidden)
     if certify:
@@ -261,8 +271,6 @@ class _RichProgress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -336,8 +344,8 @@ def evaluate(
         tuple(parse_int_list(protected_bits, "--protected-bits", lo=0, hi=7)) if protected_bits else ()
     )
     out = out or run / "ber.json"
-    from qmargin.experiments.evaluate import evaluate_run
-    from qmargin.report import ber_table, plot_accuracy_vs_ber
+    from qmargin.experiments.evaluate import evaluate_run  # lazy: torch
+    from qmargin.report import ber_table, plot_accuracy_vs_ber  # lazy: matplotlib
 
     with _CampaignProgress(enabled=_progress_enabled(quiet)) as progress:
         result = evaluate_run(
@@ -407,8 +415,8 @@ def compare(
     markdown: Annotated[bool, typer.Option(help="Print a markdown table instead of a rich table.")] = False,
 ) -> None:
     """Side-by-side table and one plot of several campaigns."""
-    from qmargin.experiments.campaign import load_campaign
-    from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber
+    from qmargin.experiments.campaign import load_campaign  # lazy: torch
+    from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber  # lazy: matplotlib
 
     names = [s.strip() for s in labels.split(",")] if labels else None
     if names is not None and len(names) != len(items):
@@ -469,16 +477,14 @@ def certify(
     bit_list = parse_int_list(bits, "--bits", lo=1, hi=16)
     if ber is not None and not 0.0 <= ber <= 1.0:
         raise ConfigError(f"--ber must be in [0, 1], got {ber}")
-    from qmargin.experiments.certify import certify_checkpoint
-    from qmargin.report.certificates import certificate_table
+    from qmargin.experiments.certify import certify_checkpoint  # lazy: torch
+    from qmargin.report.certificates import certificate_table  # lazy: matplotlib (qmargin.report)
 
     result = certify_checkpoint(
         checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed
     )
     console.print(certificate_table(result["results"], title=f"{checkpoint}: quantization certificates"))
     if out is not None:
-        from qmargin.training.checkpoint import atomic_write_json
-
         atomic_write_json(out, result)
         console.print(f"wrote {out}")
 
@@ -503,7 +509,7 @@ def reproduce_mcel(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """CE vs MCEL vs MHL vs RandBET vs CE+clipping at 2/4/8 bits under bit errors."""
-    from qmargin.experiments.mcel import run_mcel_reproduction
+    from qmargin.experiments.mcel import run_mcel_reproduction  # lazy: torch
 
     log = _logger(quiet)
     result = run_mcel_reproduction(
@@ -526,7 +532,7 @@ def reproduce_mcel_ablation(
 ) -> None:
     """Grid over MCEL's bound T, margin M and a fixed logit scale s at 2 and 4 bits (sets the defaults)."""
     seed_list = parse_int_list(seeds, "--seeds", lo=0, hi=2**31 - 1)
-    from qmargin.experiments.ablation import run_mcel_ablation
+    from qmargin.experiments.ablation import run_mcel_ablation  # lazy: torch
 
     log = _logger(quiet)
     result = run_mcel_ablation(
@@ -545,7 +551,7 @@ def reproduce_mondeq(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """MonDEQ PTQ sweep with certificates, displacement validation, QAT and certified QAT."""
-    from qmargin.experiments.mondeq import run_mondeq_reproduction
+    from qmargin.experiments.mondeq import run_mondeq_reproduction  # lazy: torch
 
     log = _logger(quiet)
     result = run_mondeq_reproduction(preset=preset, out_dir=out, log=log, results_dir=results_dir)
@@ -556,11 +562,11 @@ def reproduce_mondeq(
 @app.command()
 def datasets() -> None:
     """List the datasets and where their files go."""
-    from qmargin.data import available_datasets, dataset_info
+    from qmargin.experiments.runs import list_datasets  # lazy: torch
 
-    for name in available_datasets():
-        info = dataset_info(name)
-        console.print(f"{name:<14} {'x'.join(map(str, info.input_shape)):<8} {info.num_classes} classes")
+    for info in list_datasets():
+        shape = "x".join(map(str, info["input_shape"]))
+        console.print(f"{info['name']:<14} {shape:<8} {info['num_classes']} classes")
 
 
 def _dump(obj) -> str:

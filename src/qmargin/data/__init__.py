@@ -1,6 +1,8 @@
 """Datasets: a registry of loaders returning normalised torch tensors (design.md §6).
 
-Imports nothing of qmargin except `qmargin.errors`.
+Imports nothing of qmargin except `qmargin.errors` and `qmargin.files`. Modules: `registry` (what the
+datasets are) <- `builtin`, `idx`, `cifar` (loaders), `download` (checksummed files) <- `loading`
+(`load_dataset`).
 
 =============== ========= ======= ==================================== ===================================
 name            shape     classes split (train / test)                 normalisation on pixels in [0, 1]
@@ -58,6 +60,7 @@ from qmargin.data.idx import (
     read_idx_images,
     read_idx_labels,
 )
+from qmargin.data.loading import load_dataset
 from qmargin.data.registry import (
     Dataset,
     DatasetInfo,
@@ -66,7 +69,6 @@ from qmargin.data.registry import (
     available_datasets,
     dataset_info,
     default_data_dir,
-    load_dataset,
     register_dataset,
     unregister_dataset,
 )

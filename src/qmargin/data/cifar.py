@@ -96,8 +96,9 @@ def _to_raw(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 def load_cifar10_raw(data_dir: Path) -> RawSplits:
     """``cifar10`` from ``data_dir``: pixels ``/ 255`` as float32 ``N x 3 x 32 x 32``, int64 labels."""
     names = (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)
-    paths = {name: _find(data_dir, name) for name in names}
-    missing = [name for name, p in paths.items() if p is None]
+    found = {name: _find(data_dir, name) for name in names}
+    paths = {name: p for name, p in found.items() if p is not None}
+    missing = [name for name in names if name not in paths]
     if missing:
         raise missing_files_error(CIFAR10_INFO, data_dir, missing)
     x_train, y_train = _to_raw([read_cifar_binary(paths[n]) for n in CIFAR_TRAIN_FILES])

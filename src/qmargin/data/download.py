@@ -23,17 +23,17 @@ import hashlib
 import http.client
 import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO
 
 from qmargin.data.registry import dataset_info, default_data_dir
 from qmargin.errors import DataError
+from qmargin.files import atomic_open
 
 __all__ = [
     "DATA_URL_ENV",
@@ -162,32 +162,25 @@ def _reason(exc: BaseException) -> str:
 
 
 def _write_atomic(
-    src: BinaryIO,
+    src: IO[bytes],
     dest: Path,
     md5: str | None = None,
     progress: ProgressFn | None = None,
     total: int | None = None,
 ) -> None:
     """Stream ``src`` into ``dest`` via a temporary file; rename only if the MD5 (when given) matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.md5(usedforsecurity=False)
-        done = 0
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(dest.name, done, total)
+    h = hashlib.md5(usedforsecurity=False)
+    done = 0
+    # A digest mismatch raises inside the block: the temporary file is deleted, dest is untouched.
+    with atomic_open(dest, "wb", suffix=".part") as out:
+        while chunk := src.read(_CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(dest.name, done, total)
         if md5 is not None and h.hexdigest() != md5.lower():
             raise _DigestError(h.hexdigest())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def fetch_file(

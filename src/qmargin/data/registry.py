@@ -6,8 +6,8 @@ applies the documented normalisation
 
     x_norm[:, c] = (x[:, c] - mean[c]) / std[c]        (x in [0, 1], c = channel)
 
-and hands back torch tensors. Datasets listed in `qmargin.data.download.DOWNLOADS` can be fetched with
-``download=True``.
+and hands back torch tensors (`qmargin.data.loading.load_dataset`). The registry knows nothing of
+downloads: `qmargin.data.download` reads it, `qmargin.data.loading` uses both (no import circle).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
     "unregister_dataset",
     "available_datasets",
     "dataset_info",
-    "load_dataset",
+    "dataset_entry",
     "default_data_dir",
     "normalize",
     "missing_files_error",
@@ -167,7 +167,8 @@ def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _lookup(name: str) -> tuple[DatasetInfo, Loader]:
+def dataset_entry(name: str) -> tuple[DatasetInfo, Loader]:
+    """``(info, loader)`` of a registered dataset; an unknown name raises `DataError` listing the known."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -181,7 +182,7 @@ def dataset_info(name: str) -> DatasetInfo:
     Raises:
         DataError: unknown name (the message lists the known ones).
     """
-    return _lookup(name)[0]
+    return dataset_entry(name)[0]
 
 
 def default_data_dir() -> Path:
@@ -212,70 +213,3 @@ def missing_files_error(info: DatasetInfo, data_dir: Path, missing: list[str]) -
         f"{info.name}: {where}; put the files in {data_dir} (layout: {info.layout}), "
         f"or download them with --download (download=True)"
     )
-
-
-def _check_part(info: DatasetInfo, part: str, x: np.ndarray, y: np.ndarray) -> None:
-    if x.ndim != 4 or tuple(x.shape[1:]) != info.input_shape:
-        raise DataError(
-            f"{info.name}: {part} images have shape {tuple(x.shape)}, expected N x {info.input_shape}"
-        )
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise DataError(f"{info.name}: {x.shape[0]} {part} images but labels of shape {tuple(y.shape)}")
-    if y.size and (int(y.min()) < 0 or int(y.max()) >= info.num_classes):
-        raise DataError(f"{info.name}: {part} labels outside 0..{info.num_classes - 1}")
-
-
-def _to_tensors(
-    info: DatasetInfo, x: np.ndarray, y: np.ndarray, do_normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not x.flags.writeable:
-        x = x.copy()
-    if do_normalize:
-        normalize(x, info)
-    y = np.ascontiguousarray(y, dtype=np.int64)
-    if not y.flags.writeable:
-        y = y.copy()
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def load_dataset(
-    name: str,
-    *,
-    data_dir: str | Path | None = None,
-    download: bool = False,
-    base_url: str | None = None,
-    normalize: bool = True,
-) -> Dataset:
-    """Load a registered dataset as torch tensors.
-
-    Args:
-        name: a name from `available_datasets` (``digits``, ``mnist5k``, ``mnist``, ``fashion-mnist``,
-            ``cifar10``).
-        data_dir: directory holding file-based datasets; default `default_data_dir`
-            (``$QMARGIN_DATA`` or ``~/.cache/qmargin/data``). Ignored by ``digits`` and ``mnist5k``.
-        download: fetch missing official files first (checksum-verified, see `qmargin.data.download`).
-        base_url: mirror directory URL to download from instead of the official ones (also
-            ``$QMARGIN_DATA_URL``).
-        normalize: apply ``(x - mean) / std`` per channel (``info.normalization``); when false, pixels
-            stay in ``[0, 1]``.
-
-    Returns:
-        `Dataset` with x float32 ``N x C x H x W`` and y int64 ``N``.
-
-    Raises:
-        DataError: unknown name, missing/corrupt files, failed download or checksum.
-    """
-    info, loader = _lookup(name)
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    if download:
-        from qmargin.data.download import DOWNLOADS, download_dataset
-
-        if name in DOWNLOADS:
-            download_dataset(name, root, base_url=base_url)
-    raw = loader(root)
-    _check_part(info, "train", raw.x_train, raw.y_train)
-    _check_part(info, "test", raw.x_test, raw.y_test)
-    x_train, y_train = _to_tensors(info, raw.x_train, raw.y_train, normalize)
-    x_test, y_test = _to_tensors(info, raw.x_test, raw.y_test, normalize)
-    return Dataset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, info=info)

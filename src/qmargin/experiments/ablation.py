@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.experiments.evaluate import error_model_for
-from qmargin.experiments.files import write_text_atomic
+from qmargin.experiments.runs import TrainConfig, load_dataset, train_and_stress
+from qmargin.files import write_text_atomic
+from qmargin.report import ablation_markdown
 
-__all__ = ["AblationPoint", "default_grid", "run_mcel_ablation", "select_default", "ablation_markdown"]
+__all__ = ["AblationPoint", "default_grid", "run_mcel_ablation", "select_default"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,6 @@ def run_mcel_ablation(
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
     """Train and stress every grid point; return ``{"rows", "selected", "markdown"}`` (resumable)."""
-    from qmargin.data import load_dataset
-    from qmargin.training import TrainConfig, train
-
     grid = list(grid) if grid is not None else default_grid()
     out = Path(out_dir)
     data = load_dataset(dataset)
@@ -108,22 +106,13 @@ def run_mcel_ablation(
                     **point.fields(),
                 )
                 run_dir = out / f"{_slug(point.label)}-{b}bit-s{seed}"
-                res = train(cfg, dataset=data, out_dir=run_dir)
-                camp = run_ber_campaign(
-                    res.model,
-                    data.x_test,
-                    data.y_test,
-                    bers=grid_bers,
-                    repeats=repeats,
-                    base_seed=100,
-                    error_model=template,
-                    out_path=run_dir / "ber.json",
-                    config=res.config.to_dict(),
-                )
+                camp = train_and_stress(
+                    cfg, data, run_dir, bers=grid_bers, repeats=repeats, error_model=template
+                ).campaign
                 per_seed.append(
                     {r["ber"]: r["mean"] for r in camp["results"]} | {"clean": camp["clean_accuracy"]}
                 )
-            row = {
+            row: dict[str, Any] = {
                 "label": point.label,
                 "point": point.__dict__,
                 "bits": b,
@@ -185,51 +174,6 @@ def select_default(
         if ok and (best is None or score > best["score"]):
             best = {"label": label, "point": per_bits[bits[0]]["point"], "score": score}
     return best
-
-
-def ablation_markdown(
-    rows: list[dict[str, Any]],
-    selected: dict[str, Any] | None,
-    *,
-    bits: Sequence[int],
-    bers: Sequence[float],
-    seeds: Sequence[int],
-    epochs: int,
-    repeats: int,
-    clean_tolerance: float,
-) -> str:
-    head = ["loss", *[f"{b}-bit {c}" for b in bits for c in ("clean", *[f"{x:g}" for x in bers])], "score"]
-    lines = [
-        f"MCEL ablation on mnist5k (MLP 784-256-256-10, Adam 1e-3, {epochs} epochs, symmetric per-tensor "
-        f"weights). Accuracy (%), mean ± std over training seeds {list(seeds)}; each BER value is the mean "
-        f"over {repeats} paired error patterns. score = mean accuracy over {list(bits)} bits x BER "
-        f"{[float(b) for b in bers]}. Eligible: clean accuracy within "
-        f"{100 * clean_tolerance:g} point(s) of CE "
-        "at every bit width.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
-    ]
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    for label in labels:
-        cells = [label]
-        per = {r["bits"]: r for r in rows if r["label"] == label}
-        scores = []
-        for b in bits:
-            r = per.get(b)
-            for key in ("clean", *[f"ber_{x:g}" for x in bers]):
-                v = r[key] if r else None
-                cells.append("" if v is None else f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}")
-                if v is not None and key != "clean":
-                    scores.append(np.mean(v))
-        cells.append(f"{100 * np.mean(scores):.1f}" if scores else "")
-        mark = selected is not None and selected["label"] == label
-        lines.append("| " + " | ".join(f"**{c}**" if mark and c else c for c in cells) + " |")
-    if selected is not None:
-        lines += ["", f"Selected default: **{selected['label']}** (score {100 * selected['score']:.1f})."]
-    else:
-        lines += ["", "No MCEL point met the clean-accuracy criterion."]
-    return "\n".join(lines) + "\n"
 
 
 def _slug(label: str) -> str:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
-from qmargin.experiments.files import write_text_atomic
+from qmargin.files import write_text_atomic
 from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
 
@@ -322,6 +322,7 @@ def run_ber_campaign(
     ``ber`` set to ``None``), ``config``, ``fingerprint`` (SHA-256 of model state and test data),
     ``evaluation``, ``qmargin_version``, ``status`` and ``timing``.
     """
+    # Looked up per call, not at import: callers (and tests) may substitute qmargin.faults.inject.
     from qmargin.faults import BitErrorModel, inject, select_tensors
 
     x = torch.as_tensor(x_test)

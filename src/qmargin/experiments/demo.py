@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qmargin.experiments.campaign import run_ber_campaign
+from qmargin.experiments.certify import demo_mondeq_certificates
 from qmargin.experiments.evaluate import error_model_for
+from qmargin.experiments.runs import TrainConfig, TrainResult, load_dataset, train_and_stress
 
 __all__ = ["run_demo", "DEMO_BITS"]
 
@@ -36,9 +37,6 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return ``{"campaigns": [(label, result)], "train_time_s": {...},
     "certificates": [...], "out_dir": ...}``. Runs are kept in ``out_dir`` (resumable)."""
-    from qmargin.data import load_dataset
-    from qmargin.training import TrainConfig, train
-
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="qmargin-demo-"))
     data = load_dataset("digits")
     campaigns: list[tuple[str, dict[str, Any]]] = []
@@ -48,28 +46,26 @@ def run_demo(
         cfg = TrainConfig(
             dataset="digits", model="mlp", bits=bits, loss=loss, epochs=epochs, seed=seed, device="cpu"
         )
-        t0 = time.perf_counter()
-        result = train(cfg, dataset=data, out_dir=out / f"{loss}{bits}")
         label = f"{loss.upper()} {bits}-bit"
-        times[label] = result.train_time_s
-        log(f"trained {label}: clean test accuracy {result.test_acc:.4f} ({time.perf_counter() - t0:.1f} s)")
-        campaign = run_ber_campaign(
-            result.model,
-            data.x_test,
-            data.y_test,
+        t0 = time.perf_counter()
+
+        def trained(result: TrainResult, label: str = label, t0: float = t0) -> None:
+            times[label] = result.train_time_s
+            elapsed = time.perf_counter() - t0
+            log(f"trained {label}: clean test accuracy {result.test_acc:.4f} ({elapsed:.1f} s)")
+
+        stressed = train_and_stress(
+            cfg,
+            data,
+            out / f"{loss}{bits}",
             bers=bers,
             repeats=repeats,
-            base_seed=100,
             error_model=template,
-            out_path=out / f"{loss}{bits}" / "ber.json",
-            config=result.config.to_dict(),
-            device="cpu",
+            on_trained=trained,
         )
-        campaigns.append((label, campaign))
+        campaigns.append((label, stressed.campaign))
     summary: dict[str, Any] = {"campaigns": campaigns, "train_time_s": times, "out_dir": str(out)}
     if mondeq:
-        from qmargin.experiments.certify import demo_mondeq_certificates
-
         certs, title = demo_mondeq_certificates(
             data, out / "mondeq", seed=seed, bits=DEMO_BITS, epochs=mondeq_epochs, log=log
         )

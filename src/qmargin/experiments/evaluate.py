@@ -6,8 +6,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qmargin.data import dataset_info, load_dataset
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign
+from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
+from qmargin.training import load_run, resolve_device
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,8 +36,6 @@ def error_model_for(
     Weights only by default (``WEIGHT_TENSORS``: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of
     MonDEQ layers); ``include_bias`` hits every stored tensor, which includes biases stored as codes.
     """
-    from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
-
     return BitErrorModel(
         ber=0.0,
         p01=p01,
@@ -71,9 +72,6 @@ def evaluate_run(
     quantizer settings, and the result records ``config["ptq_bits"]``. ``ptq_bits`` on a quantized run
     is an error (its stored codes are what is evaluated).
     """
-    from qmargin.data import load_dataset
-    from qmargin.training import load_run, resolve_device
-
     dev = resolve_device(device)
     model, config, _ = load_run(run_dir, device=dev)
     extra: dict[str, Any] = {}
@@ -120,7 +118,5 @@ def post_training_quantized(model: nn.Module, config: TrainConfig, bits: int) ->
 
 
 def _shape_of(model: nn.Module, config: TrainConfig) -> tuple[tuple[int, ...], int]:
-    from qmargin.data import dataset_info
-
     info = dataset_info(config.dataset)
     return tuple(info.input_shape), int(info.num_classes)

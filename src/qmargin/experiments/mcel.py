@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qmargin.errors import ConfigError
-from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.experiments.evaluate import error_model_for
-from qmargin.experiments.files import copy_file_atomic, write_text_atomic
+from qmargin.experiments.runs import (
+    PATTERN_BASE_SEED,
+    TrainConfig,
+    TrainResult,
+    load_dataset,
+    train_and_stress,
+)
+from qmargin.files import copy_file_atomic, write_text_atomic
+from qmargin.report import mcel_markdown, plot_accuracy_vs_ber
 
-__all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction", "mcel_markdown"]
+__all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction"]
 
 BERS = (0.0, 1e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
@@ -115,10 +122,6 @@ def run_mcel_reproduction(
     if preset_override is None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join([*PRESETS, 'full'])}")
     p = preset_override or PRESETS[preset]
-    from qmargin.data import load_dataset
-    from qmargin.report import plot_accuracy_vs_ber
-    from qmargin.training import TrainConfig, train
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(p.dataset, data_dir=data_dir)
@@ -143,23 +146,20 @@ def run_mcel_reproduction(
             )
             run_dir = out / f"{_slug(method.name)}-{bits}bit"
             t0 = time.perf_counter()
-            result = train(cfg, dataset=data, out_dir=run_dir)
-            log(
-                f"{method.name:>10} {bits}-bit: clean {result.test_acc:.4f}, "
-                f"train {result.train_time_s:.1f} s"
-                f"{' (stored)' if result.skipped else ''} [{time.perf_counter() - t0:.0f} s]"
+
+            def trained(
+                result: TrainResult, name: str = method.name, bits: int = bits, t0: float = t0
+            ) -> None:
+                log(
+                    f"{name:>10} {bits}-bit: clean {result.test_acc:.4f}, "
+                    f"train {result.train_time_s:.1f} s"
+                    f"{' (stored)' if result.skipped else ''} [{time.perf_counter() - t0:.0f} s]"
+                )
+
+            stressed = train_and_stress(
+                cfg, data, run_dir, bers=p.bers, repeats=p.repeats, error_model=template, on_trained=trained
             )
-            campaign = run_ber_campaign(
-                result.model,
-                data.x_test,
-                data.y_test,
-                bers=p.bers,
-                repeats=p.repeats,
-                base_seed=100,
-                error_model=template,
-                out_path=run_dir / "ber.json",
-                config=result.config.to_dict(),
-            )
+            result, campaign = stressed.result, stressed.campaign
             labelled.append((method.name, campaign))
             rows.append(
                 {
@@ -184,7 +184,7 @@ def run_mcel_reproduction(
         "description": p.description,
         "bers": list(p.bers),
         "repeats": p.repeats,
-        "base_seed": 100,
+        "base_seed": PATTERN_BASE_SEED,
         "rows": rows,
     }
     md = mcel_markdown(summary)
@@ -210,29 +210,3 @@ def _add_time_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         base = ce.get(r["bits"])
         r["time_vs_ce"] = r["train_time_s"] / base if base else None
-
-
-def mcel_markdown(summary: dict[str, Any]) -> str:
-    """Markdown table: one row per (bits, method), mean ± std accuracy (%) per BER, time vs CE."""
-    bers: Sequence[float] = summary["bers"]
-    head = ["bits", "method", *[("clean" if b == 0 else f"{b:g}") for b in bers], "train time vs CE"]
-    lines = [
-        f"Accuracy (%) under random bit errors in the stored weight codes, mean ± std over "
-        f"{summary['repeats']} paired patterns (seeds {summary['base_seed']}..). "
-        f"{summary.get('description', '')}",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
-    ]
-    for r in summary["rows"]:
-        cells = [str(r["bits"]), r["method"]]
-        for res in r["results"]:
-            cells.append(
-                f"{100 * res['mean']:.1f}"
-                if res["ber"] == 0
-                else f"{100 * res['mean']:.1f} ± {100 * res['std']:.1f}"
-            )
-        t = r.get("time_vs_ce")
-        cells.append(f"{t:.2f}x" if t is not None else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

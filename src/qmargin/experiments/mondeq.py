@@ -21,10 +21,25 @@ from typing import Any
 
 import torch
 
+from qmargin.deq import (
+    MonDEQClassifier,
+    MonotoneParameterization,
+    certify,
+    displacement_bound,
+    monotonicity_margin,
+    residual_error_bound,
+    solve,
+    spectral_norm,
+)
+from qmargin.deq.operators import DenseOperator
 from qmargin.errors import ConfigError
-from qmargin.experiments.files import copy_file_atomic, write_text_atomic
+from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
+from qmargin.files import copy_file_atomic, write_text_atomic
+from qmargin.models.mondeq import build_mondeq
+from qmargin.quant import QuantSpec
+from qmargin.report import mondeq_markdown, plot_mondeq_displacement, plot_mondeq_margin_vs_bits
 
-__all__ = ["MonDEQPreset", "PRESETS", "run_mondeq_reproduction", "ptq_certificates", "mondeq_markdown"]
+__all__ = ["MonDEQPreset", "PRESETS", "run_mondeq_reproduction", "ptq_certificates"]
 
 
 @dataclass(frozen=True)
@@ -46,16 +61,27 @@ PRESETS = {
 BASE_KWARGS = {"n": 100, "r": 25, "m": 0.2, "learn_m": True, "solver": "pr"}
 
 
-def _quantized_copy(float_model: torch.nn.Module, spec, input_shape, num_classes, kwargs) -> torch.nn.Module:
-    from qmargin.models.mondeq import build_mondeq
+def _mondeq(model: torch.nn.Module) -> MonDEQClassifier:
+    """``model`` as the MonDEQ classifier it is (every model of this experiment is one)."""
+    if not isinstance(model, MonDEQClassifier):
+        raise TypeError(f"expected a MonDEQ classifier, got {type(model).__name__}")
+    return model
 
+
+def _quantized_copy(
+    float_model: torch.nn.Module,
+    spec: QuantSpec,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    kwargs: dict[str, Any],
+) -> MonDEQClassifier:
     q = build_mondeq(input_shape=input_shape, num_classes=num_classes, spec=spec, **kwargs)
     q.load_state_dict(float_model.state_dict())
     q.eval()
-    return q
+    return _mondeq(q)
 
 
-def _tensors(core) -> dict[str, torch.Tensor]:
+def _tensors(core: MonotoneParameterization) -> dict[str, torch.Tensor]:
     """Float and quantized W, U, b of a parameterization (quantized = what the stored codes hold)."""
     out = {}
     for name in ("W", "U", "b"):
@@ -69,8 +95,7 @@ def _tensors(core) -> dict[str, torch.Tensor]:
 
 def ptq_certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Certificate, solver behaviour and accuracy of a quantized MonDEQ classifier on ``(x, y)``."""
-    from qmargin.deq import certify, solve
-
+    model = _mondeq(model)
     core = model.core
     t = _tensors(core)
     cert = certify(t["W"], t["W_q"], U=t["U"], U_q=t["U_q"], b=t["b"], b_q=t["b_q"]).to_dict()
@@ -80,33 +105,25 @@ def ptq_certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
         _, fb = solve(op, v, "fb", tol=1e-4, max_iter=3000)
         _, pr = solve(op, v, "pr", tol=1e-4, max_iter=500)
         logits = model(x)
-        ok = (logits.argmax(1) == y) & model.converged
+        converged = model.converged
+        assert converged is not None  # set by the forward pass just run
+        ok = (logits.argmax(1) == y) & converged
     cert.update(
         fb_iterations=fb.iterations,
         fb_converged=bool(fb.converged),
         pr_iterations=pr.iterations,
         pr_converged=bool(pr.converged),
         accuracy=float(ok.double().mean()),
-        nonconverged_samples=int((~model.converged).sum()),
+        nonconverged_samples=int((~converged).sum()),
     )
     return cert
 
 
-def _displacement(q_model, x: torch.Tensor) -> dict[str, Any]:
+def _displacement(q_model: MonDEQClassifier, x: torch.Tensor) -> dict[str, Any]:
     """Share of samples where each displacement bound holds (float64, tolerance accounted for)."""
-    from qmargin.deq import (
-        displacement_bound,
-        monotonicity_margin,
-        residual_error_bound,
-        solve,
-        spectral_norm,
-    )
-
     t = _tensors(q_model.core)
     xx = x.double().flatten(1)
     with torch.no_grad():
-        from qmargin.deq.operators import DenseOperator
-
         v_f = xx @ t["U"].T + t["b"]
         v_q = xx @ t["U_q"].T + t["b_q"]
         z_f, st_f = solve(DenseOperator(t["W"]), v_f, "pr", tol=1e-12, max_iter=20000)
@@ -153,10 +170,6 @@ def run_mondeq_reproduction(
     if preset_override is None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = preset_override or PRESETS[preset]
-    from qmargin.data import load_dataset
-    from qmargin.quant import QuantSpec
-    from qmargin.training import TrainConfig, train
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset)
@@ -183,8 +196,8 @@ def run_mondeq_reproduction(
             device="cpu",
             model_kwargs=dict(base),
         )
-        res = train(cfg, dataset=data, out_dir=out / f"float-s{seed}")
-        fm = res.model.eval()
+        res = train_run(cfg, dataset=data, out_dir=out / f"float-s{seed}")
+        fm = _mondeq(res.model.eval())
         floats[seed] = fm
         mu, L = (float(v) for v in fm.core.margin_and_norm(quantized=False))
         summary["float"].append(
@@ -247,10 +260,10 @@ def run_mondeq_reproduction(
                     device="cpu",
                     model_kwargs=mk,
                 )
-                res = train(
+                res = train_run(
                     cfg, dataset=data, out_dir=out / f"{name.replace(' ', '-').lower()}-{bits}bit-s{seed}"
                 )
-                qm = res.model.eval()
+                qm = _mondeq(res.model.eval())
                 row = {
                     "method": name,
                     "bits": bits,
@@ -266,7 +279,8 @@ def run_mondeq_reproduction(
                     f"|dW| {row['delta_w_norm']:.3f} mu {row['margin']:.3f} m {row['m']:.3f}"
                 )
     md = mondeq_markdown(summary)
-    _plots(summary, out)
+    plot_mondeq_margin_vs_bits(summary, out / "mondeq_margin_vs_bits.png")
+    plot_mondeq_displacement(summary, out / "mondeq_displacement.png")
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_text_atomic(out / "summary.md", md)
     if results_dir is not None:
@@ -282,115 +296,3 @@ def run_mondeq_reproduction(
         for name in ("mondeq_margin_vs_bits.png", "mondeq_displacement.png"):
             copy_file_atomic(out / name, rd / name.replace("mondeq_", f"mondeq_{preset}_"))
     return {"summary": summary, "markdown": md}
-
-
-def _yn(v: bool | None) -> str:
-    return "yes" if v else "no"
-
-
-def mondeq_markdown(s: dict[str, Any]) -> str:
-    lines = ["### Float model", "", "| seed | accuracy (%) | m | mu(W) | L(W) |", "|---|---|---|---|---|"]
-    for f in s["float"]:
-        lines.append(
-            f"| {f['seed']} | {100 * f['accuracy']:.1f} | {f['m']:.3f} | {f['mu']:.3f} | {f['L']:.3f} |"
-        )
-    lines += [
-        "",
-        "### Post-training quantization (W, U, b and head at the same bits)",
-        "",
-        "| scales | bits | ‖dW‖₂ | μ(W) | exact μ(W~) | certified | certified (sym) | monotone | FB iters "
-        "| PR iters | PR converged | accuracy (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in s["ptq"]:
-        lines.append(
-            f"| {'per-row' if r['per_channel'] else 'per-tensor'} | {r['bits']} | {r['delta_w_norm']:.4f} | "
-            f"{r['margin']:.4f} | {r['margin_quantized']:.4f} | {_yn(r['certified'])} | "
-            f"{_yn(r['certified_sym'])} | "
-            f"{_yn(r['monotone'])} | {r['fb_iterations']}{'' if r['fb_converged'] else ' (no)'} | "
-            f"{r['pr_iterations']}{'' if r['pr_converged'] else ' (no)'} | {_yn(r['pr_converged'])} | "
-            f"{100 * r['accuracy']:.1f} |"
-        )
-    lines += [
-        "",
-        "### Displacement bounds (per-tensor PTQ; share of the test samples where the bound holds)",
-        "",
-        "| bits | full ‖dW z~ + dU x + db‖/μ | norm form | paper (dW only) | mean ‖z*−z~*‖ | mean full bound "
-        "| mean paper bound | max dist/paper bound |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for d in s["displacement"]:
-        lines.append(
-            f"| {d['bits']} | {100 * d['share_full']:.1f}% | {100 * d['share_norm_form']:.1f}% | "
-            f"{100 * d['share_paper']:.1f}% | {d['mean_distance']:.4g} | {d['mean_full']:.4g} | "
-            f"{d['mean_paper']:.4g} | {d['ratio_paper']:.2f} |"
-        )
-    lines += [
-        "",
-        "### Quantization-aware training",
-        "",
-        "| method | bits | seed | scales | m | ‖dW‖₂ | μ(W) | exact μ(W~) | certified | PR converged "
-        "| accuracy (%) "
-        "| train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in s["qat"]:
-        lines.append(
-            f"| {r['method']} | {r['bits']} | {r['seed']} | "
-            f"{'per-row' if r['per_channel'] else 'per-tensor'} | "
-            f"{r['m']:.3f} | {r['delta_w_norm']:.4f} | {r['margin']:.4f} | {r['margin_quantized']:.4f} | "
-            f"{_yn(r['certified'])} | {_yn(r['pr_converged'])} | {100 * r['accuracy']:.1f} | "
-            f"{r['train_time_s']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _plots(s: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for pc, style in ((False, "o-"), (True, "s--")):
-        rows = [r for r in s["ptq"] if r["per_channel"] == pc]
-        label = "per-row" if pc else "per-tensor"
-        bits = [r["bits"] for r in rows]
-        ax.plot(bits, [r["delta_w_norm"] for r in rows], style, label=f"‖dW‖₂ {label}")
-        ax.plot(bits, [r["margin_quantized"] for r in rows], style, alpha=0.6, label=f"exact μ(W~) {label}")
-    ax.set_yscale("symlog", linthresh=1e-2)  # μ(W~) < 0 (not monotone) stays visible below zero
-    ax.axhline(0.0, color="grey", lw=0.8)
-    mu = s["ptq"][0]["margin"]
-    ax.axhline(mu, color="k", lw=1, label=f"μ(W) = {mu:.3f}")
-    ax.set_xlabel("bits")
-    ax.set_ylabel("spectral quantity")
-    ax.set_title("certificate: ‖dW‖₂ < μ(W)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _savefig(fig, out / "mondeq_margin_vs_bits.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for d in s["displacement"]:
-        ax.loglog(d["bound_full"], d["distances"], ".", ms=3, label=f"{d['bits']}-bit full bound")
-        ax.loglog(
-            d["bound_paper"], d["distances"], "x", ms=3, alpha=0.5, label=f"{d['bits']}-bit paper bound"
-        )
-    lo = min(min(d["distances"]) for d in s["displacement"])
-    hi = max(max(d["bound_full"]) for d in s["displacement"])
-    ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="distance = bound")
-    ax.set_xlabel("bound on ‖z* − z~*‖")
-    ax.set_ylabel("measured ‖z* − z~*‖")
-    ax.set_title("displacement: points above the line violate the bound")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _savefig(fig, out / "mondeq_displacement.png")
-    plt.close(fig)
-
-
-def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)

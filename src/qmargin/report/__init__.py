@@ -1,6 +1,15 @@
-"""Tables (rich, markdown) and plots (matplotlib) of experiment results (plain dicts)."""
+"""Tables (rich, markdown) and plots (matplotlib) of experiment results (plain dicts).
 
-from qmargin.report.plots import plot_accuracy_vs_ber
+Imports nothing of ``qmargin.experiments``: every function takes the plain dicts the experiments
+return and store as JSON, so a stored result renders again without rerunning anything.
+"""
+
+from qmargin.report.plots import (
+    plot_accuracy_vs_ber,
+    plot_mondeq_displacement,
+    plot_mondeq_margin_vs_bits,
+)
+from qmargin.report.reproductions import ablation_markdown, mcel_markdown, mondeq_markdown
 from qmargin.report.tables import (
     ber_table,
     compare_table,
@@ -16,4 +25,9 @@ __all__ = [
     "format_ber",
     "render_text",
     "plot_accuracy_vs_ber",
+    "plot_mondeq_margin_vs_bits",
+    "plot_mondeq_displacement",
+    "mcel_markdown",
+    "ablation_markdown",
+    "mondeq_markdown",
 ]

@@ -1,4 +1,4 @@
-"""Plot of accuracy versus bit error rate (design.md §4).
+"""Plots: accuracy versus bit error rate (design.md §4) and the MonDEQ reproduction's two figures.
 
 Layout: a wide main panel with a logarithmic BER axis (``p > 0``) and, to its left, a narrow panel
 ``clean`` sharing the accuracy axis. The clean accuracy (no injection) of every model is a marker on
@@ -8,23 +8,27 @@ random bit errors. On the main panel each model is a line through the per-BER me
 ``a_bar_p`` with a shaded band: ``[min_r a_{p,r}, max_r a_{p,r}]`` (``band="minmax"``, default) or
 ``a_bar_p ± std`` clipped to ``[0, 1]`` (``band="std"``).
 
+:func:`plot_mondeq_margin_vs_bits` and :func:`plot_mondeq_displacement` draw the summary dict of
+:func:`qmargin.experiments.mondeq.run_mondeq_reproduction` (PTQ certificates; displacement bounds).
+
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change) and writes
-the PNG atomically (temporary file + ``os.replace``).
+every PNG atomically (:func:`qmargin.files.atomic_path`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from qmargin.errors import ConfigError
+from qmargin.files import atomic_path
 from qmargin.report.tables import Result, Results, as_labelled
 
-__all__ = ["plot_accuracy_vs_ber"]
+__all__ = ["plot_accuracy_vs_ber", "plot_mondeq_margin_vs_bits", "plot_mondeq_displacement", "save_png"]
 
 
 def _series(res: Result) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
@@ -111,9 +115,61 @@ def plot_accuracy_vs_ber(
         )
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path, dpi=dpi)
+
+
+def save_png(fig: Figure, path: str | Path, *, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (parent directories created); returns the path."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
+
+
+def _figure() -> tuple[Figure, Any]:
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def plot_mondeq_margin_vs_bits(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """PTQ sweep: ``||dW||_2`` and exact ``mu(W~)`` per bit width (per-tensor and per-row) against
+    ``mu(W)``; the certificate holds where ``||dW||_2 < mu(W)``."""
+    fig, ax = _figure()
+    for pc, style in ((False, "o-"), (True, "s--")):
+        rows = [r for r in summary["ptq"] if r["per_channel"] == pc]
+        label = "per-row" if pc else "per-tensor"
+        bits = [r["bits"] for r in rows]
+        ax.plot(bits, [r["delta_w_norm"] for r in rows], style, label=f"‖dW‖₂ {label}")
+        ax.plot(bits, [r["margin_quantized"] for r in rows], style, alpha=0.6, label=f"exact μ(W~) {label}")
+    ax.set_yscale("symlog", linthresh=1e-2)  # μ(W~) < 0 (not monotone) stays visible below zero
+    ax.axhline(0.0, color="grey", lw=0.8)
+    mu = summary["ptq"][0]["margin"]
+    ax.axhline(mu, color="k", lw=1, label=f"μ(W) = {mu:.3f}")
+    ax.set_xlabel("bits")
+    ax.set_ylabel("spectral quantity")
+    ax.set_title("certificate: ‖dW‖₂ < μ(W)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=120)
+
+
+def plot_mondeq_displacement(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Measured ``||z* - z~*||`` per test sample against the full and the paper's bound (log-log);
+    needs the per-sample lists (``distances``, ``bound_full``, ``bound_paper``) of each case."""
+    fig, ax = _figure()
+    for d in summary["displacement"]:
+        ax.loglog(d["bound_full"], d["distances"], ".", ms=3, label=f"{d['bits']}-bit full bound")
+        ax.loglog(
+            d["bound_paper"], d["distances"], "x", ms=3, alpha=0.5, label=f"{d['bits']}-bit paper bound"
+        )
+    lo = min(min(d["distances"]) for d in summary["displacement"])
+    hi = max(max(d["bound_full"]) for d in summary["displacement"])
+    ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="distance = bound")
+    ax.set_xlabel("bound on ‖z* − z~*‖")
+    ax.set_ylabel("measured ‖z* − z~*‖")
+    ax.set_title("displacement: points above the line violate the bound")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=120)

@@ -19,7 +19,6 @@ to a temporary name and moved into place with ``os.replace``. No pickle anywhere
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.errors import CheckpointError, ConfigError
+from qmargin.files import atomic_path, write_json_atomic
 from qmargin.training.config import TrainConfig
 
 __all__ = [
@@ -66,23 +66,8 @@ STATE_FORMAT = 1
 # -- atomic files -------------------------------------------------------------------------------
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON (indented, sorted keys) to ``path`` via a temporary file + ``os.replace``."""
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+atomic_write_json = write_json_atomic
+"""``atomic_write_json(path, data)``: sorted-key JSON, :func:`qmargin.files.write_json_atomic`."""
 
 
 def read_json(path: str | Path) -> Any:
@@ -103,14 +88,9 @@ def save_tensors(
     """Save tensors with safetensors, atomically (every tensor copied to a contiguous CPU tensor)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = _tmp(path)
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    try:
+    with atomic_path(path, mkdir=False) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
