@@ -116,8 +116,8 @@ def test_resolve_defaults_reads_the_losses_constants(monkeypatch):
         float(losses.DEFAULT_MCEL_MARGIN), float(losses.DEFAULT_MCEL_BOUND)
     )
     assert kw.get("logit_scale") is None
-    monkeypatch.setattr(losses, "DEFAULT_MCEL_MARGIN", 3.5)
-    monkeypatch.setattr(losses, "DEFAULT_MCEL_BOUND", 12.0)
+    monkeypatch.setattr(losses.defaults, "DEFAULT_MCEL_MARGIN", 3.5)
+    monkeypatch.setattr(losses.defaults, "DEFAULT_MCEL_BOUND", 12.0)
     cfg = resolve_defaults(TrainConfig(loss="mcel"))
     assert (cfg.loss_kwargs["margin"], cfg.loss_kwargs["bound"]) == (3.5, 12.0)
     # explicit values win, and resolving is idempotent

@@ -5,6 +5,8 @@ as ``nn.Module``s; :mod:`qmargin.losses.registry` builds them by name (:func:`bu
 new ones (:func:`register_loss`), each builder validating its own options.
 """
 
+from qmargin.losses import defaults
+from qmargin.losses.defaults import DEFAULT_MCEL_BOUND, DEFAULT_MCEL_MARGIN, DEFAULT_MHL_B
 from qmargin.losses.functional import (
     classification_margin,
     cross_entropy,
@@ -14,9 +16,6 @@ from qmargin.losses.functional import (
     soft_clamp,
 )
 from qmargin.losses.modules import (
-    DEFAULT_MCEL_BOUND,
-    DEFAULT_MCEL_MARGIN,
-    DEFAULT_MHL_B,
     CrossEntropyLoss,
     MarginHingeLoss,
     MCELoss,
@@ -32,6 +31,7 @@ from qmargin.losses.registry import (
 )
 
 __all__ = [
+    "defaults",
     "cross_entropy",
     "soft_clamp",
     "mcel_logits",

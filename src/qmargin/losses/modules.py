@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from qmargin.losses.defaults import DEFAULT_MCEL_BOUND, DEFAULT_MCEL_MARGIN
 from qmargin.losses.functional import (
     check_hinge_b,
     check_label_smoothing,
@@ -17,20 +18,10 @@ from qmargin.losses.functional import (
 )
 
 __all__ = [
-    "DEFAULT_MCEL_MARGIN",
-    "DEFAULT_MCEL_BOUND",
     "CrossEntropyLoss",
     "MCELoss",
     "MarginHingeLoss",
-    "DEFAULT_MHL_B",
 ]
-
-# Set by the ablation (docs/results/mcel_ablation.md, `qmargin reproduce mcel-ablation`): the most robust
-# (bound, margin) on mnist5k at 2 and 4 bits whose clean accuracy stays within 1 point of CE.
-DEFAULT_MCEL_MARGIN: float = 30.0
-DEFAULT_MCEL_BOUND: float = 30.0
-# MHL's hinge b when a training config does not set it (the value runs have always used).
-DEFAULT_MHL_B: float = 1.0
 
 CrossEntropyLoss = nn.CrossEntropyLoss
 """Plain cross entropy: ``torch.nn.CrossEntropyLoss`` itself (re-exported for symmetry)."""

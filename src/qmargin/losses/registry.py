@@ -24,8 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.errors import ConfigError
+from qmargin.losses import defaults
+from qmargin.losses.defaults import DEFAULT_MCEL_BOUND, DEFAULT_MCEL_MARGIN
 from qmargin.losses.functional import check_hinge_b, check_mcel_params, check_reduction
-from qmargin.losses.modules import DEFAULT_MCEL_BOUND, DEFAULT_MCEL_MARGIN, MarginHingeLoss, MCELoss
+from qmargin.losses.modules import MarginHingeLoss, MCELoss
 
 __all__ = [
     "LossBuilder",
@@ -204,15 +206,11 @@ def _build_ce(*, label_smoothing: float = 0.0, weight: Any = None, reduction: st
 
 def _mcel_defaults() -> dict[str, float]:
     # The public constants (set by the ablation), read at resolution time.
-    from qmargin import losses
-
-    return {"margin": float(losses.DEFAULT_MCEL_MARGIN), "bound": float(losses.DEFAULT_MCEL_BOUND)}
+    return {"margin": float(defaults.DEFAULT_MCEL_MARGIN), "bound": float(defaults.DEFAULT_MCEL_BOUND)}
 
 
 def _mhl_defaults() -> dict[str, float]:
-    from qmargin import losses
-
-    return {"b": float(losses.DEFAULT_MHL_B)}
+    return {"b": float(defaults.DEFAULT_MHL_B)}
 
 
 def _build_mcel(
