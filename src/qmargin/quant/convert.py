@@ -107,12 +107,13 @@ def link_tied(model: nn.Module, groups: list[list[StoredRef]] | None = None) -> 
         if len(members) < 2:
             continue
         src_name, src, t0 = members[0]
-        a = [src._buffers[f"{t0}_{s}"] for s in ("codes", "scale", "zero_point")]
+        a: list[Tensor] = [getattr(src, f"{t0}_{s}") for s in ("codes", "scale", "zero_point")]
         for name, m, t in members[1:]:
-            b = [m._buffers[f"{t}_{s}"] for s in ("codes", "scale", "zero_point")]
+            b: list[Tensor] = [getattr(m, f"{t}_{s}") for s in ("codes", "scale", "zero_point")]
             if all(x is y for x, y in zip(a, b, strict=True)):
                 continue
-            if not all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in zip(a, b, strict=True)):
+            pairs = zip(a, b, strict=True)
+            if not all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in pairs):
                 raise TiedParameterError(
                     f"{_key(src_name, t0)} and {_key(name, t)} are one tied tensor but their stored "
                     "forms differ; refreeze the model (freeze_model)"
@@ -291,9 +292,8 @@ class IntegerState:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        return cls(
-            tensors, json.loads(meta.get("qmargin.specs", "{}")), json.loads(meta.get("qmargin.aliases", "{}"))
-        )
+        specs = json.loads(meta.get("qmargin.specs", "{}"))
+        return cls(tensors, specs, json.loads(meta.get("qmargin.aliases", "{}")))
 
 
 def export_integer_state(model: nn.Module) -> IntegerState:
@@ -365,13 +365,14 @@ def load_integer_state(model: nn.Module, state: IntegerState) -> nn.Module:
         except (TypeError, ValueError) as e:
             raise IntegerStateError(f"{qname}: bad stored spec: {e}") from None
         if m.quant_specs.get(tname) != spec:
-            raise IntegerStateError(f"{qname}: model spec {m.quant_specs.get(tname)} differs from stored {spec}")
-        stored = []
+            raise IntegerStateError(
+                f"{qname}: model spec {m.quant_specs.get(tname)} differs from stored {spec}"
+            )
         for suffix in ("codes", "scale", "zero_point"):
             if f"{qname}.{suffix}" not in state.tensors:
                 raise IntegerStateError(f"integer state lacks {qname}.{suffix}")
-            stored.append(state.tensors[f"{qname}.{suffix}"])
-        check_stored(*stored, spec, tuple(m.float_tensor(tname).shape), qname)
+        stored = tuple(state.tensors[f"{qname}.{suffix}"] for suffix in ("codes", "scale", "zero_point"))
+        check_stored(stored[0], stored[1], stored[2], spec, tuple(m.float_tensor(tname).shape), qname)
         plan.append((group, stored))
         covered.update(_key(n, t) for n, _, t in group)
     for alias, canonical in state.aliases.items():

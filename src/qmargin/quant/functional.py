@@ -30,7 +30,16 @@ from torch import Tensor
 from qmargin.quant.errors import IntegerStateError, NonFiniteTensorError
 from qmargin.quant.spec import QuantSpec
 
-__all__ = ["quantize", "dequantize", "fake_quantize", "compute_scale", "code_dtype", "check_finite", "check_stored"]
+__all__ = [
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "compute_scale",
+    "code_dtype",
+    "check_finite",
+    "check_stored",
+    "word_range",
+]
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:
@@ -219,7 +228,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Forward: ``dequantize(quantize(w))`` exactly. Backward: straight-through inside the clip range."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, spec: QuantSpec) -> Tensor:  # type: ignore[override]
+    def forward(ctx, w: Tensor, spec: QuantSpec) -> Tensor:
         codes, scale, zp = _quantize(w, spec)
         w_hat = dequantize(codes, scale, zp, spec)
         # No host sync here (hot path): non-finite weights stay non-finite instead of raising.
@@ -231,7 +240,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         return w_hat
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         if ctx.saved_tensors:
             (inside,) = ctx.saved_tensors
             return grad * inside.to(grad.dtype), None

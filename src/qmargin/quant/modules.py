@@ -150,7 +150,7 @@ class QuantizedTensors(nn.Module):
             return value
         return self.quantized_tensor(name)
 
-    def train(self, mode: bool = True):  # type: ignore[override]
+    def train(self, mode: bool = True):
         # Training updates the float weights, so a stale stored form must not be used.
         if mode and self._frozen:
             self.unfreeze()
@@ -161,16 +161,16 @@ class _QuantizedLayer(QuantizedTensors):
     """What ``QuantLinear`` and ``QuantConv2d`` share: ``weight``/``bias`` are the float tensors."""
 
     weight: Tensor
-    bias: Tensor | None
 
     def float_tensor(self, name: str) -> Tensor:
         return getattr(self, name)
 
-    def _copy_float(self, m: nn.Module) -> None:
+    def _copy_float(self, m: nn.Linear | nn.Conv2d) -> None:
+        bias: Tensor | None = getattr(self, "bias", None)
         with torch.no_grad():
             self.weight.copy_(m.weight)
-            if m.bias is not None:
-                self.bias.copy_(m.bias)
+            if m.bias is not None and bias is not None:
+                bias.copy_(m.bias)
         self.train(m.training)
 
     def extra_repr(self) -> str:
