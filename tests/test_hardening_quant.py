@@ -144,7 +144,9 @@ def _reference(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(*quantize(w, spec), spec)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(4, symmetric=False), QuantSpec(4, per_channel=True)])
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(4), QuantSpec(4, symmetric=False), QuantSpec(4, per_channel=True)]
+)
 def test_all_zero_tensor_still_gets_scale_one(spec):
     scale, _ = compute_scale(torch.zeros(3, 4), spec)
     assert torch.all(scale == 1)
@@ -224,42 +226,83 @@ CORRUPT = [
     ("scale +inf", QuantSpec(4), "fc1.weight.scale", _set(math.inf), "fc1.weight.scale.*non-finite"),
     ("scale -inf", QuantSpec(4), "fc1.weight.scale", _set(-math.inf), "fc1.weight.scale.*non-finite"),
     ("scale 0", QuantSpec(4), "fc1.weight.scale", _set(0.0), "fc1.weight.scale.*positive"),
-    ("scale < 0", QuantSpec(4, per_channel=True), "fc2.weight.scale", _set(-0.1), "fc2.weight.scale.*positive"),
-    ("scale int", QuantSpec(4), "fc1.weight.scale", lambda t: t.to(torch.int32), "fc1.weight.scale.*floating"),
+    (
+        "scale < 0",
+        QuantSpec(4, per_channel=True),
+        "fc2.weight.scale",
+        _set(-0.1),
+        "fc2.weight.scale.*positive",
+    ),
+    (
+        "scale int",
+        QuantSpec(4),
+        "fc1.weight.scale",
+        lambda t: t.to(torch.int32),
+        "fc1.weight.scale.*floating",
+    ),
     ("scale shape", QuantSpec(4), "fc1.weight.scale", lambda t: t.reshape(1), "fc1.weight.scale.*shape"),
     (
-        "per-channel scale shape", QuantSpec(4, per_channel=True), "fc1.weight.scale", lambda t: t[:-1],
+        "per-channel scale shape",
+        QuantSpec(4, per_channel=True),
+        "fc1.weight.scale",
+        lambda t: t[:-1],
         "fc1.weight.scale.*shape",
     ),
     (
-        "zero point nan", QuantSpec(4, symmetric=False), "fc1.weight.zero_point",
-        lambda t: torch.full(t.shape, math.nan), "fc1.weight.zero_point.*non-finite",
+        "zero point nan",
+        QuantSpec(4, symmetric=False),
+        "fc1.weight.zero_point",
+        lambda t: torch.full(t.shape, math.nan),
+        "fc1.weight.zero_point.*non-finite",
     ),
     (
-        "zero point float", QuantSpec(4, symmetric=False), "fc1.weight.zero_point", lambda t: t.float(),
+        "zero point float",
+        QuantSpec(4, symmetric=False),
+        "fc1.weight.zero_point",
+        lambda t: t.float(),
         "fc1.weight.zero_point.*int32",
     ),
     (
-        "zero point range", QuantSpec(4, symmetric=False), "fc1.weight.zero_point", _set(16),
+        "zero point range",
+        QuantSpec(4, symmetric=False),
+        "fc1.weight.zero_point",
+        _set(16),
         "fc1.weight.zero_point.*0..15",
     ),
     ("zero point symmetric", QuantSpec(4), "fc1.weight.zero_point", _set(1), "fc1.weight.zero_point.*0..0"),
-    ("codes float64", QuantSpec(4), "fc1.weight.codes", lambda t: t.double(), "fc1.weight.codes.*int8.*float64"),
+    (
+        "codes float64",
+        QuantSpec(4),
+        "fc1.weight.codes",
+        lambda t: t.double(),
+        "fc1.weight.codes.*int8.*float64",
+    ),
     ("codes int32", QuantSpec(4), "fc2.weight.codes", lambda t: t.to(torch.int32), "fc2.weight.codes.*int32"),
     (
-        "codes int8 for uint8", QuantSpec(4, symmetric=False), "fc1.weight.codes", lambda t: t.to(torch.int8),
+        "codes int8 for uint8",
+        QuantSpec(4, symmetric=False),
+        "fc1.weight.codes",
+        lambda t: t.to(torch.int8),
         "fc1.weight.codes.*uint8",
     ),
     ("codes > word", QuantSpec(4), "fc1.weight.codes", _set(8), "fc1.weight.codes.*-8..7"),
     ("codes < word", QuantSpec(4), "fc1.weight.codes", _set(-9), "fc1.weight.codes.*-8..7"),
-    ("uint codes > word", QuantSpec(3, symmetric=False), "fc1.weight.codes", _set(8), "fc1.weight.codes.*0..7"),
+    (
+        "uint codes > word",
+        QuantSpec(3, symmetric=False),
+        "fc1.weight.codes",
+        _set(8),
+        "fc1.weight.codes.*0..7",
+    ),
     ("sign code 0", QuantSpec(1), "fc1.weight.codes", _set(0), "fc1.weight.codes.*-1..1"),
     ("codes shape", QuantSpec(4), "fc1.weight.codes", lambda t: t.T.contiguous(), "fc1.weight.codes.*shape"),
     ("codes flat", QuantSpec(4), "fc1.weight.codes", lambda t: t.reshape(-1), "fc1.weight.codes.*shape"),
 ]
 
 
-@pytest.mark.parametrize(("spec", "key", "fn", "match"), [c[1:] for c in CORRUPT], ids=[c[0] for c in CORRUPT])
+@pytest.mark.parametrize(
+    ("spec", "key", "fn", "match"), [c[1:] for c in CORRUPT], ids=[c[0] for c in CORRUPT]
+)
 def test_load_integer_state_refuses_corrupt_entries(spec, key, fn, match):
     state, _ = _state(spec)
     _corrupt(key, fn)(state)
@@ -347,7 +390,10 @@ def test_shared_module_becomes_one_quantized_module_at_every_name():
     assert quantize_model(model, QuantSpec(4)) == ["a", "b", "head"]
     assert isinstance(model.a, QuantLinear) and model.a is model.b
     groups = tied_stored_tensors(model)
-    assert [[(n, t) for n, _, t in g] for g in groups] == [[("a", "weight"), ("b", "weight")], [("head", "weight")]]
+    assert [[(n, t) for n, _, t in g] for g in groups] == [
+        [("a", "weight"), ("b", "weight")],
+        [("head", "weight")],
+    ]
 
 
 def test_tied_weight_stays_one_parameter_and_one_stored_tensor():
@@ -377,13 +423,20 @@ TIE_ERRORS = [
     ("embedding", TiedWithEmbedding, {}, "emb.weight \\(float\\).*out.weight"),
     ("excluded tied layer", TiedWeight, {"exclude": ["b"]}, "a.weight .*b.weight \\(float\\)"),
     ("included at one place", TiedWeight, {"include": ["a", "head"]}, "b.weight \\(float\\)"),
-    ("tied bias, quantized at one place", lambda: TiedWeight(tie_bias=True), {"bias_spec": QuantSpec(8)}, None),
+    (
+        "tied bias, quantized at one place",
+        lambda: TiedWeight(tie_bias=True),
+        {"bias_spec": QuantSpec(8)},
+        None,
+    ),
     ("alias excluded", SharedModule, {"exclude": ["b"]}, "registered as \\['a', 'b'\\]"),
     ("alias not included", SharedModule, {"include": ["a"]}, "select \\['a'\\] but not \\['b'\\]"),
 ]
 
 
-@pytest.mark.parametrize(("factory", "kwargs", "match"), [c[1:] for c in TIE_ERRORS], ids=[c[0] for c in TIE_ERRORS])
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "match"), [c[1:] for c in TIE_ERRORS], ids=[c[0] for c in TIE_ERRORS]
+)
 def test_ties_that_cannot_be_kept_raise_and_change_nothing(factory, kwargs, match):
     model = factory()
     if match is None:  # tied biases: quantized with bias_spec everywhere -> fine; mixed case below
@@ -401,7 +454,9 @@ def test_tie_between_weight_and_differently_specified_tensor_raises():
     quantize_model(model, QuantSpec(4), include=["head"])
     model.a = QuantLinear.from_float(model.a, QuantSpec(3))  # pre-quantized layer with another spec
     model.b.weight = model.a.weight
-    with pytest.raises(TiedParameterError, match="a.weight \\(QuantSpec\\(bits=3.*b.weight \\(QuantSpec\\(bits=4"):
+    with pytest.raises(
+        TiedParameterError, match="a.weight \\(QuantSpec\\(bits=3.*b.weight \\(QuantSpec\\(bits=4"
+    ):
         quantize_model(model, QuantSpec(4))
 
 
