@@ -551,3 +551,15 @@ def test_exclude_of_any_name_spares_a_tied_tensor():
     quantize_model(model, QuantSpec(4))
     with inject(model, BitErrorModel(ber=0.3, exclude="b"), seed=1) as report:
         assert [t.layer for t in report.tensors] == ["head"]
+
+
+def test_integer_state_with_two_different_copies_of_a_tied_tensor_is_refused():
+    untied = TiedWeight()
+    untied.b.weight = nn.Parameter(untied.a.weight.detach() + 0.5)  # untie: two stored tensors
+    quantize_model(untied, QuantSpec(4))
+    state = export_integer_state(untied)
+    assert not state.aliases and "b.weight.codes" in state.tensors
+    tied = TiedWeight()
+    quantize_model(tied, QuantSpec(4))
+    with pytest.raises(IntegerStateError, match="tied tensor 'b.weight' twice"):
+        load_integer_state(tied, state)

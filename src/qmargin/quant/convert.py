@@ -53,9 +53,10 @@ def tied_stored_tensors(model: nn.Module) -> list[list[StoredRef]]:
 
     One group per stored tensor: ``[(layer, module, tensor), ...]`` for every name of it, in module
     order; the first is its canonical name. Two names are one stored tensor when they are the same
-    module registered under two names, or when their float tensors are one ``nn.Parameter`` (a tie
-    such as ``b.weight = a.weight``). A group whose names carry different ``QuantSpec`` s raises
-    :class:`TiedParameterError` (one stored tensor has one format).
+    module registered under two names, or when their float tensors are one ``nn.Parameter``
+    registered on each module under the tensor's name (a tie such as ``b.weight = a.weight``). A
+    group whose names carry different ``QuantSpec`` s raises :class:`TiedParameterError` (one stored
+    tensor has one format).
     """
     names, modules = _module_names(model)
     order = {name: i for i, name in enumerate(n for ns in names.values() for n in ns)}
@@ -101,7 +102,7 @@ def link_tied(model: nn.Module, groups: list[list[StoredRef]] | None = None) -> 
     was edited) raise :class:`TiedParameterError` before anything is changed.
     """
     groups = tied_stored_tensors(model) if groups is None else groups
-    plan = []
+    plan: list[tuple[QuantizedTensors, str, list[Tensor]]] = []
     for group in groups:
         members = [r for r in _distinct(group) if f"{r[2]}_codes" in r[1]._buffers]
         if len(members) < 2:
@@ -354,7 +355,7 @@ def load_integer_state(model: nn.Module, state: IntegerState) -> nn.Module:
         if key.endswith((".codes", ".scale", ".zero_point")):
             continue
         rest[key] = value
-    plan = []
+    plan: list[tuple[list[StoredRef], tuple[Tensor, ...]]] = []
     covered: set[str] = set()
     for qname in state.specs:
         if qname not in where:
@@ -373,6 +374,11 @@ def load_integer_state(model: nn.Module, state: IntegerState) -> nn.Module:
                 raise IntegerStateError(f"integer state lacks {qname}.{suffix}")
         stored = tuple(state.tensors[f"{qname}.{suffix}"] for suffix in ("codes", "scale", "zero_point"))
         check_stored(stored[0], stored[1], stored[2], spec, tuple(m.float_tensor(tname).shape), qname)
+        twin = next((other for g, other in plan if g is group), None)
+        if twin is not None and not all(torch.equal(x, y) for x, y in zip(twin, stored, strict=True)):
+            raise IntegerStateError(
+                f"integer state stores the tied tensor {qname!r} twice, with different values"
+            )
         plan.append((group, stored))
         covered.update(_key(n, t) for n, _, t in group)
     for alias, canonical in state.aliases.items():
