@@ -6,7 +6,7 @@ them where the cause is something the user supplied, and plain exceptions for pr
 
 from __future__ import annotations
 
-__all__ = ["UserError", "DataError", "CheckpointError", "ConfigError"]
+__all__ = ["UserError", "DataError", "CheckpointError", "ConfigError", "SeedError"]
 
 
 class UserError(Exception):
@@ -23,3 +23,7 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError, ValueError):
     """A flag or configuration value is out of range or inconsistent."""
+
+
+class SeedError(ConfigError):
+    """A random seed is not an integer in ``[0, 2**63)`` (a bool, a float, negative or too large)."""

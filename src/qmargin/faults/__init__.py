@@ -29,6 +29,7 @@ from qmargin.faults.functional import (
     BitSites,
     StuckBits,
     WordPatch,
+    check_seed,
     derive_seed,
     flip_bits_,
     flip_random_bits,
@@ -39,7 +40,7 @@ from qmargin.faults.functional import (
     sample_stuck_bits,
     stuck_at,
 )
-from qmargin.faults.inject import InjectionReport, TensorFaults, inject, select_tensors
+from qmargin.faults.inject import InjectionOrderError, InjectionReport, TensorFaults, inject, select_tensors
 from qmargin.faults.kinds import (
     FaultKind,
     FaultResult,
@@ -67,6 +68,7 @@ __all__ = [
     "fault_kinds",
     "fault_kind_from_dict",
     "inject",
+    "InjectionOrderError",
     "select_tensors",
     "InjectionReport",
     "TensorFaults",
@@ -81,6 +83,7 @@ __all__ = [
     "StuckBits",
     "WordPatch",
     "derive_seed",
+    "check_seed",
     "make_generator",
     "to_words",
     "from_words",

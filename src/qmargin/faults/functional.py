@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qmargin.errors import SeedError
 from qmargin.quant.codes import (
     bit_differences,
     check_bits,
@@ -50,6 +51,8 @@ from qmargin.quant.codes import (
 )
 
 __all__ = [
+    "check_seed",
+    "SEED_RANGE",
     "derive_seed",
     "make_generator",
     "BitSites",
@@ -78,15 +81,32 @@ _CHUNK = 32_000
 # --------------------------------------------------------------------------------------------
 # seeds and generators
 # --------------------------------------------------------------------------------------------
+SEED_RANGE = (0, 1 << 63)
+"""Seeds are integers ``s`` with ``0 <= s < 2**63`` (the range of a seeded torch generator here)."""
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` if it is an ``int`` (not a ``bool``) in ``[0, 2**63)``, else :class:`SeedError`.
+
+    Seeds outside the range used to be reduced modulo ``2**63``, so ``s`` and ``s + 2**63`` (or
+    ``-1`` and ``2**63 - 1``) gave one pattern; they are refused instead.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SeedError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise SeedError(f"{what} must be in [0, 2**63), got {seed}")
+    return seed
+
+
 def derive_seed(seed: int, *names: str) -> int:
     """A stable 63-bit seed for the stream named ``names`` under the base ``seed``.
 
     ``derive_seed(s, n_1, ..., n_k) = BLAKE2b_64(s, len(n_1), n_1, ..., len(n_k), n_k) mod 2**63``
     (personalised with ``b"qmargin.faults"``). Unlike ``hash()`` it is the same in every process and
     on every machine, and length prefixes make ``("ab", "c")`` and ``("a", "bc")`` different streams.
+    ``seed`` must be in ``[0, 2**63)`` (:func:`check_seed`).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_seed(seed)
     h = hashlib.blake2b(digest_size=8, person=b"qmargin.faults")
     s = str(seed).encode()
     h.update(len(s).to_bytes(8, "little") + s)
@@ -99,12 +119,13 @@ def derive_seed(seed: int, *names: str) -> int:
 
 
 def make_generator(seed: int | torch.Generator) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (an existing generator is returned as is)."""
+    """A CPU generator seeded with ``seed`` in ``[0, 2**63)`` (an existing generator is returned as is).
+
+    Other seeds raise :class:`SeedError` (they used to be reduced modulo ``2**63``).
+    """
     if isinstance(seed, torch.Generator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
-    return torch.Generator(device="cpu").manual_seed(seed & _SEED_MASK)
+    return torch.Generator(device="cpu").manual_seed(check_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +141,12 @@ def _check_codes(codes: Tensor, bits: int) -> bool:
     if codes.dtype == torch.uint8:
         return False
     raise TypeError(f"codes must be int8 (two's complement) or uint8 (unsigned), got {codes.dtype}")
+
+
+def _check_seed_arg(seed: object) -> None:
+    """Samplers take a seed in ``[0, 2**63)`` or a ``torch.Generator``; checked before any shortcut."""
+    if not isinstance(seed, torch.Generator):
+        check_seed(seed)
 
 
 def _check_rate(name: str, p: float) -> float:
@@ -241,6 +268,7 @@ def sample_bit_sites(
     word merge into one mask. ``E[n_bits] = n p``; time and memory O(n_bits), one uniform per bit.
     """
     p = _check_rate("ber", p)
+    _check_seed_arg(seed)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative integer, got {numel!r}")
     positions = exposed_positions(bits, protected_bits)
@@ -343,6 +371,7 @@ def sample_flips(
     independently. O(K * b) for K candidate words.
     """
     signed = _check_codes(codes, bits)
+    _check_seed_arg(seed)
     p01 = _check_rate("p01", p01)
     p10 = _check_rate("p10", p10)
     p_max = max(p01, p10)
@@ -380,6 +409,7 @@ def sample_stuck_bits(
     ``s = rate_0 + rate_1`` (:func:`sample_bit_sites`) and each is stuck at 1 with probability
     ``rate_1 / s``. Shape-only, O(K).
     """
+    _check_seed_arg(seed)
     rate_0 = _check_rate("stuck_at_0", rate_0)
     rate_1 = _check_rate("stuck_at_1", rate_1)
     s = rate_0 + rate_1
@@ -508,6 +538,7 @@ def flip_random_bits(
     (plus the stored values when ``p01 != p10``). Cost: one copy plus O(K) for K hit words.
     """
     _check_codes(codes, bits)
+    _check_seed_arg(seed)
     ber = _check_rate("ber", ber)
     p01 = ber if p01 is None else p01
     p10 = ber if p10 is None else p10
@@ -531,6 +562,7 @@ def stuck_at(
     if value not in (0, 1) or isinstance(value, bool):
         raise ValueError(f"stuck-at value must be 0 or 1, got {value!r}")
     rate = _check_rate("rate", rate)
+    _check_seed_arg(seed)
     stuck = sample_stuck_bits(
         codes.numel(), bits, rate_0=rate if value == 0 else 0.0, rate_1=rate if value == 1 else 0.0,
         seed=seed, protected_bits=protected_bits,

@@ -20,6 +20,7 @@ seed (paired comparisons; campaigns use seeds ``base, base + 1, ...``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,19 @@ from torch import Tensor, nn
 
 from qmargin.errors import ConfigError
 from qmargin.faults.error_model import ErrorModel
-from qmargin.faults.functional import WordPatch, _flat_gather, derive_seed, make_generator
+from qmargin.faults.functional import WordPatch, _flat_gather, check_seed, derive_seed, make_generator
 from qmargin.faults.kinds import FaultKind
-from qmargin.quant import QuantizedTensors
+from qmargin.quant import (
+    QuantConfigError,
+    QuantizedTensors,
+    StoredRef,
+    link_tied,
+    quantized_modules,
+    tied_stored_tensors,
+)
 from qmargin.quant.codes import bit_differences, exposed_positions, protected_positions
 
-__all__ = ["inject", "select_tensors", "InjectionReport", "TensorFaults"]
+__all__ = ["inject", "select_tensors", "InjectionReport", "TensorFaults", "InjectionOrderError"]
 
 
 @dataclass(frozen=True)
@@ -105,23 +113,30 @@ class InjectionReport:
         }
 
 
-def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[tuple[str, QuantizedTensors, str]]:
-    """``(layer name, module, tensor name)`` of every stored tensor ``error_model`` hits, in module order.
+class InjectionOrderError(RuntimeError):
+    """``inject`` contexts on shared codes were exited out of order (a programming error).
 
-    The choice is ``error_model.selection``'s (:class:`qmargin.faults.Selection`). Raises
-    ``ConfigError`` when nothing is selected (a model without quantized layers, or patterns that
-    match none), since an injection that silently hits nothing would report clean accuracy.
+    Raised by the exit of a context while a later-entered context on the same codes is still open;
+    before raising, that exit undoes the later contexts' patches and then its own, so the codes
+    are exactly as before it was entered. The later contexts are ended by this (their exit raises
+    this error too, and changes nothing).
     """
+
+
+def _stored_groups(model: nn.Module) -> list[list[StoredRef]]:
+    try:
+        return tied_stored_tensors(model)
+    except QuantConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[list[StoredRef]]:
+    """The tie groups (:func:`qmargin.quant.tied_stored_tensors`) that ``error_model`` hits."""
     selection = error_model.selection
-    found: list[tuple[str, QuantizedTensors, str]] = []
-    quantized: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantizedTensors):
-            continue
-        quantized.append(name)
-        if selection.selects_layer(name, module):
-            found.extend((name, module, t) for t in selection.selects_tensors(module.quant_specs))
+    groups = _stored_groups(model)
+    found = [g for g in groups if selection.selects_stored(g)]
     if not found:
+        quantized = [name for name, _ in quantized_modules(model)]
         if not quantized:
             raise ConfigError("the model has no quantized layers to inject bit errors into (quantize_model)")
         raise ConfigError(
@@ -129,6 +144,86 @@ def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[tuple[str,
             f"quantized layers: {quantized[:8]}"
         )
     return found
+
+
+def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[tuple[str, QuantizedTensors, str]]:
+    """``(layer name, module, tensor name)`` of every stored tensor ``error_model`` hits, in module order.
+
+    The choice is ``error_model.selection``'s (:class:`qmargin.faults.Selection`). A stored tensor
+    reachable under several names (a module registered twice, a tied Parameter) is listed once, under
+    its canonical (first) name, whichever of its names selected it. Raises ``ConfigError`` when
+    nothing is selected (a model without quantized layers, or patterns that match none), since an
+    injection that silently hits nothing would report clean accuracy.
+    """
+    return [g[0] for g in _select_groups(model, error_model)]
+
+
+class _Injection:
+    """One entered ``inject`` context: its patches, the modules it froze, the stacks it is on."""
+
+    _counter = itertools.count()
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.order = next(self._counter)
+        self.patches: list[tuple[Tensor, WordPatch]] = []
+        self.froze: list[QuantizedTensors] = []
+        self.stacks: list[list[_Injection]] = []
+        self.state = "open"  # "open" -> "closed"; or "ended" by an enclosing context's exit
+
+    def push(self, module: QuantizedTensors, tensor: str) -> None:
+        """Put this context on top of the stack of active injections of ``module``'s ``tensor``."""
+        stacks = module.__dict__.setdefault(_STACKS, {})
+        stack = stacks.setdefault(tensor, [])
+        stack.append(self)
+        self.stacks.append(stack)
+
+    def above(self) -> list[_Injection]:
+        """Open contexts entered later on codes this one patched (transitively), latest first."""
+        found: dict[int, _Injection] = {}
+        todo: list[_Injection] = [self]
+        while todo:
+            x = todo.pop()
+            for stack in x.stacks:
+                i = next(k for k, y in enumerate(stack) if y is x)
+                for y in stack[i + 1 :]:
+                    if id(y) not in found:
+                        found[id(y)] = y
+                        todo.append(y)
+        return sorted(found.values(), key=lambda y: y.order, reverse=True)
+
+    def undo(self) -> None:
+        """Write back every old word (reverse order), leave the stacks, unfreeze what it froze."""
+        with torch.no_grad():
+            for codes, patch in reversed(self.patches):
+                patch.undo_(codes)
+            for stack in self.stacks:
+                stack[:] = [y for y in stack if y is not self]
+            for module in reversed(self.froze):
+                module.unfreeze()
+
+    def exit(self) -> None:
+        if self.state == "ended":
+            self.state = "closed"
+            raise InjectionOrderError(
+                f"inject(seed={self.seed}) was already undone: an enclosing inject context on the same "
+                "codes exited first (contexts must exit in reverse order of entry)"
+            )
+        later = self.above()
+        for y in later:
+            y.undo()
+            y.state = "ended"
+        self.undo()
+        self.state = "closed"
+        if later:
+            raise InjectionOrderError(
+                f"inject(seed={self.seed}) exited before the inject contexts entered after it on the same "
+                f"codes (seeds {[y.seed for y in later]}); contexts must exit in reverse order of entry. "
+                "All of them were undone: the codes are as before this context was entered"
+            )
+
+
+_STACKS = "_qmargin_active_injections"
 
 
 @contextmanager
@@ -141,40 +236,57 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
     touched. Every edit is recorded as ``(index, old, new)``; on exit the old words are written back
     in reverse order, which restores the codes bit for bit (also after an exception).
 
+    ``seed`` is an integer in ``[0, 2**63)`` (else ``SeedError``, a ``ConfigError``).
+
+    Ties: a stored tensor reachable under several names (:func:`qmargin.quant.tied_stored_tensors`)
+    is one code tensor shared by every module that uses it (all of them are frozen and linked); it
+    is corrupted once, with the stream of its canonical (first) name, and reported once.
+
+    Nesting: contexts on the same model nest (the inner one corrupts what the outer one left, and
+    restores it). Each context is pushed on a per-tensor stack of active injections kept on the
+    module; exiting a context while a later one on the same codes is still open raises
+    :class:`InjectionOrderError`, after undoing the later ones and then itself, so the codes are exactly
+    as before it was entered (the later ones' own exits then raise and change nothing).
+
     Example::
 
         with inject(model, BitErrorModel(ber=1e-3), seed=s) as report:
             acc = evaluate(model)
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     if not isinstance(error_model, ErrorModel):
         raise TypeError(f"error_model must be an ErrorModel, got {type(error_model).__name__}")
-    targets = select_tensors(model, error_model)
+    groups = _select_groups(model, error_model)
     kinds = [k for k in error_model.fault_kinds() if not k.is_null]
     report = InjectionReport(seed, error_model)
-    froze: list[QuantizedTensors] = []
-    applied: list[tuple[Tensor, WordPatch]] = []
+    token = _Injection(seed)
     try:
         with torch.no_grad():
-            for name, module, tensor in targets:
-                if not module.frozen:
-                    module.freeze()
-                    froze.append(module)
+            for group in groups:
+                for _, module, _ in group:
+                    if not module.frozen:
+                        try:
+                            module.freeze()
+                        except QuantConfigError as e:
+                            raise ConfigError(f"layer {group[0][0]!r}: {e}") from None
+                        token.froze.append(module)
+            for group in groups:
+                try:
+                    link_tied(model, [group])
+                except QuantConfigError as e:
+                    raise ConfigError(str(e)) from None
+                name, module, tensor = group[0]
+                token.push(module, tensor)
                 stored = module.stored(tensor)
                 report.tensors.append(
                     _corrupt_tensor(
                         stored.codes, stored.spec.bits, name, tensor, error_model.selection.protected_bits,
-                        kinds, seed, applied,
+                        kinds, seed, token.patches,
                     )
                 )
         yield report
     finally:
-        with torch.no_grad():
-            for codes, patch in reversed(applied):
-                patch.undo_(codes)
-            for module in reversed(froze):
-                module.unfreeze()
+        token.exit()
 
 
 def _corrupt_tensor(

@@ -13,6 +13,10 @@ biases stored as codes); ``tensors=None`` selects every tensor the module stores
 layers store ``W``, ``U``, ``b``). Tensors a module keeps in float are never selected: only codes
 are stored bits.
 
+A stored tensor reachable under several names (one module registered twice, a tied Parameter;
+:func:`qmargin.quant.tied_stored_tensors`) is one memory: it is hit when one of its names is selected
+and none is excluded (:meth:`Selection.selects_stored`).
+
 ``protected_bits`` are bit positions no fault reaches (e.g. ECC-protected sign bits): ``0..b-1``
 (bit 0 = LSB) or negative, counted from the most significant bit (``-1`` = bit ``b-1``, the sign of a
 symmetric code). They are checked against each tensor's width when it is corrupted
@@ -106,14 +110,33 @@ class Selection:
 
     def selects_layer(self, name: str, module: nn.Module) -> bool:
         """Whether the module ``name`` is hit (globs and types only; tensors are separate)."""
+        return self.includes_layer(name, module) and not self.excludes(name)
+
+    def includes_layer(self, name: str, module: nn.Module) -> bool:
+        """Whether ``name`` matches ``layers`` and the module ``layer_types`` (``exclude`` aside)."""
         if not any(fnmatch.fnmatchcase(name, pat) for pat in self.layers):
-            return False
-        if any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude):
             return False
         if self.layer_types is not None:
             mro = {cls.__name__ for cls in type(module).__mro__}
             return any(t in mro for t in self.layer_types)
         return True
+
+    def excludes(self, name: str) -> bool:
+        """Whether ``name`` matches one of the ``exclude`` patterns."""
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+
+    def selects_stored(self, names: Iterable[tuple[str, nn.Module, str]]) -> bool:
+        """Whether a stored tensor reachable under several names (a tie) is hit.
+
+        ``names``: ``(layer, module, tensor)`` for each of its names. It is hit when one of them is
+        included (``layers``, ``layer_types``, ``tensors``) and none is excluded: a tied tensor is one
+        memory, spared when any of its names is excluded. For one name this is ``selects_layer`` and
+        ``selects_tensors``.
+        """
+        names = list(names)
+        if any(self.excludes(n) for n, _, _ in names):
+            return False
+        return any(self.includes_layer(n, m) and self.selects_tensors([t]) for n, m, t in names)
 
     def selects_tensors(self, stored: Iterable[str]) -> list[str]:
         """The names among ``stored`` (a module's ``quant_specs``) that are hit, in their order."""

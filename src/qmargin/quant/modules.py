@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qmargin.quant.functional import dequantize, fake_quantize, quantize
+from qmargin.quant.functional import check_stored, dequantize, fake_quantize, quantize
 from qmargin.quant.spec import QuantSpec
 
 __all__ = ["StoredTensor", "QuantizedTensors", "QuantLinear", "QuantConv2d"]
@@ -69,20 +69,32 @@ class QuantizedTensors(nn.Module):
         return self._frozen
 
     def freeze(self) -> None:
-        """Compute the stored form of every quantized tensor and use it in the forward pass."""
-        for name, spec in self.quant_specs.items():
-            codes, scale, zp = quantize(self.float_tensor(name), spec)
+        """Compute the stored form of every quantized tensor and use it in the forward pass.
+
+        Every tensor is quantized before anything is installed: a non-finite float tensor raises
+        :class:`qmargin.quant.errors.NonFiniteTensorError` (naming it) and leaves the module as it was.
+        """
+        stored = {
+            name: quantize(self.float_tensor(name), spec, name=f"{type(self).__name__}.{name}")
+            for name, spec in self.quant_specs.items()
+        }
+        for name, (codes, scale, zp) in stored.items():
             self._set_stored(name, codes, scale, zp)
         self._frozen = True
 
-    def load_stored(self, name: str, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
-        """Install a given stored form (e.g. from :func:`export_integer_state`) and freeze."""
+    def load_stored(
+        self, name: str, codes: Tensor, scale: Tensor, zero_point: Tensor, *, key: str | None = None
+    ) -> None:
+        """Install a given stored form (e.g. from :func:`export_integer_state`) and freeze.
+
+        The stored form is checked first (:func:`qmargin.quant.functional.check_stored`): codes of
+        exactly the spec's dtype and the tensor's shape whose values are b-bit words, finite positive
+        scales, ``int32`` zero points in range; nothing is cast silently. Errors raise
+        :class:`qmargin.quant.errors.IntegerStateError` naming ``key`` (default ``name``).
+        """
         spec = self.quant_specs[name]
         ref = self.float_tensor(name)
-        if tuple(codes.shape) != tuple(ref.shape):
-            raise ValueError(
-                f"{name}: codes of shape {tuple(codes.shape)} for a tensor of {tuple(ref.shape)}"
-            )
+        check_stored(codes, scale, zero_point, spec, tuple(ref.shape), key or name)
         self._set_stored(
             name, codes.to(ref.device), scale.to(ref.device, ref.dtype), zero_point.to(ref.device)
         )
@@ -138,7 +150,7 @@ class QuantizedTensors(nn.Module):
             return value
         return self.quantized_tensor(name)
 
-    def train(self, mode: bool = True):  # type: ignore[override]
+    def train(self, mode: bool = True):
         # Training updates the float weights, so a stale stored form must not be used.
         if mode and self._frozen:
             self.unfreeze()
@@ -149,16 +161,16 @@ class _QuantizedLayer(QuantizedTensors):
     """What ``QuantLinear`` and ``QuantConv2d`` share: ``weight``/``bias`` are the float tensors."""
 
     weight: Tensor
-    bias: Tensor | None
 
     def float_tensor(self, name: str) -> Tensor:
         return getattr(self, name)
 
-    def _copy_float(self, m: nn.Module) -> None:
+    def _copy_float(self, m: nn.Linear | nn.Conv2d) -> None:
+        bias: Tensor | None = getattr(self, "bias", None)
         with torch.no_grad():
             self.weight.copy_(m.weight)
-            if m.bias is not None:
-                self.bias.copy_(m.bias)
+            if m.bias is not None and bias is not None:
+                bias.copy_(m.bias)
         self.train(m.training)
 
     def extra_repr(self) -> str:

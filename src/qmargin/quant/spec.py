@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from qmargin.quant.errors import QuantConfigError
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,10 @@ class QuantSpec:
         per_channel: one scale (and zero point) per output channel (dim 0) instead of one per tensor.
         w_max: weight clipping. When set, the clip range is ``[-w_max, w_max]`` and
             ``scale = w_max / qmax`` instead of ``max|w| / qmax``.
+
+    Every field is type-checked on construction: ``bits`` an ``int`` (not a ``bool``), ``symmetric``
+    and ``per_channel`` a ``bool`` (not a truthy string or int), ``w_max`` ``None`` or a finite
+    positive real (stored as ``float``). Mistakes raise :class:`qmargin.quant.errors.QuantConfigError`.
     """
 
     bits: int
@@ -29,18 +37,29 @@ class QuantSpec:
     w_max: float | None = None
 
     def __post_init__(self) -> None:
+        # Every field is checked for its type, not its truthiness: ``symmetric="no"`` is a mistake,
+        # not True. Mistakes raise QuantConfigError (a ValueError).
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ValueError(
+            raise QuantConfigError(
                 f"bits must be an integer in 1..8 (1..16 for precision studies), got {self.bits!r}"
             )
         if not 1 <= self.bits <= 16:
-            raise ValueError(
+            raise QuantConfigError(
                 f"bits must be in 1..8 for stored weights (1..16 for precision studies), got {self.bits}"
             )
+        for name in ("symmetric", "per_channel"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise QuantConfigError(f"{name} must be True or False, got {value!r}")
         if self.bits == 1 and not self.symmetric:
-            raise ValueError("1-bit quantization is a symmetric sign code; asymmetric needs bits >= 2")
-        if self.w_max is not None and not (self.w_max > 0):
-            raise ValueError(f"w_max must be positive, got {self.w_max}")
+            raise QuantConfigError("1-bit quantization is a symmetric sign code; asymmetric needs bits >= 2")
+        if self.w_max is not None:
+            w_max = self.w_max
+            if isinstance(w_max, bool) or not isinstance(w_max, numbers.Real):
+                raise QuantConfigError(f"w_max must be a positive finite number or None, got {w_max!r}")
+            if not (math.isfinite(float(w_max)) and float(w_max) > 0):
+                raise QuantConfigError(f"w_max must be positive and finite, got {w_max}")
+            object.__setattr__(self, "w_max", float(w_max))
 
     @property
     def qmin(self) -> int:
@@ -66,4 +85,14 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
-        return cls(**{k: d[k] for k in ("bits", "symmetric", "per_channel", "w_max") if k in d})
+        """Inverse of :meth:`to_dict`; a non-mapping, a missing ``bits`` or an unknown key raises
+        ``QuantConfigError`` (a ``ValueError``)."""
+        if not isinstance(d, dict):
+            raise QuantConfigError(f"a quantization spec must be a mapping, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known), key=str)
+        if unknown:
+            raise QuantConfigError(f"unknown quantization spec keys {unknown}; known: {known}")
+        if "bits" not in d:
+            raise QuantConfigError(f"a quantization spec needs 'bits', got {d!r}")
+        return cls(**{k: d[k] for k in known if k in d})
