@@ -124,10 +124,7 @@ class InjectionOrderError(RuntimeError):
 
 
 def _stored_groups(model: nn.Module) -> list[list[StoredRef]]:
-    try:
-        return tied_stored_tensors(model)
-    except QuantConfigError as e:
-        raise ConfigError(str(e)) from None
+    return tied_stored_tensors(model)  # its errors are ConfigErrors (qmargin.quant.errors)
 
 
 def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[list[StoredRef]]:
@@ -271,10 +268,7 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
                             raise ConfigError(f"layer {group[0][0]!r}: {e}") from None
                         token.froze.append(module)
             for group in groups:
-                try:
-                    link_tied(model, [group])
-                except QuantConfigError as e:
-                    raise ConfigError(str(e)) from None
+                link_tied(model, [group])
                 name, module, tensor = group[0]
                 token.push(module, tensor)
                 stored = module.stored(tensor)

@@ -1,17 +1,19 @@
 """Errors of :mod:`qmargin.quant`: a bad spec, a non-finite tensor, a tie that cannot be kept, a corrupt
 integer state.
 
-``qmargin.quant`` imports nothing of qmargin (docs/architecture.md), so these are ``ValueError``
-subclasses rooted here, not :class:`qmargin.errors.ConfigError`; every message is one line and names
-the field, tensor, layer or state key at fault.
+They are :class:`qmargin.errors.ConfigError` subclasses (hence ``ValueError`` s), so the CLI shows
+them as one line with exit status 2; every message names the field, tensor, layer or state key at
+fault.
 """
 
 from __future__ import annotations
 
+from qmargin.errors import ConfigError
+
 __all__ = ["QuantConfigError", "NonFiniteTensorError", "TiedParameterError", "IntegerStateError"]
 
 
-class QuantConfigError(ValueError):
+class QuantConfigError(ConfigError):
     """A quantization input is wrong: a ``QuantSpec`` field of the wrong type or out of range, ..."""
 
 
