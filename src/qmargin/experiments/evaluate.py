@@ -30,7 +30,7 @@ def error_model_for(
     include_bias: bool = False,
     p01: float | None = None,
     p10: float | None = None,
-):
+) -> BitErrorModel:
     """The campaign's template ``BitErrorModel`` (its BER is replaced per grid point).
 
     Weights only by default (``WEIGHT_TENSORS``: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of

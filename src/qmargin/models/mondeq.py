@@ -11,6 +11,7 @@ quantization step), else 0.2.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,8 +28,9 @@ class MonDEQNet(MonDEQClassifier):
     """A :class:`~qmargin.deq.MonDEQClassifier` with the margin-aware QAT objective as ``auxiliary_loss``."""
 
     def __init__(
-        self, *args, certify: bool = False, penalty_weight: float = 10.0, delta: float = 0.05, **kwargs
-    ):
+        self, *args: Any, certify: bool = False, penalty_weight: float = 10.0, delta: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.certify = bool(certify)
         self.penalty_weight = float(penalty_weight)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -271,7 +272,7 @@ class IntegerState:
     """
 
     tensors: dict[str, Tensor]
-    specs: dict[str, dict] = field(default_factory=dict)
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -304,7 +305,7 @@ def export_integer_state(model: nn.Module) -> IntegerState:
     ``aliases``; none of its names appears among the float entries.
     """
     tensors: dict[str, Tensor] = {}
-    specs: dict[str, dict] = {}
+    specs: dict[str, dict[str, Any]] = {}
     aliases: dict[str, str] = {}
     shadowed: set[str] = set()
     for group in tied_stored_tensors(model):

@@ -24,6 +24,8 @@ it) and never maps them to finite values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -228,7 +230,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Forward: ``dequantize(quantize(w))`` exactly. Backward: straight-through inside the clip range."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, spec: QuantSpec) -> Tensor:
+    def forward(ctx: Any, w: Tensor, spec: QuantSpec) -> Tensor:
         codes, scale, zp = _quantize(w, spec)
         w_hat = dequantize(codes, scale, zp, spec)
         # No host sync here (hot path): non-finite weights stay non-finite instead of raising.
@@ -240,7 +242,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         return w_hat
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         if ctx.saved_tensors:
             (inside,) = ctx.saved_tensors
             return grad * inside.to(grad.dtype), None

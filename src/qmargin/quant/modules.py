@@ -14,10 +14,12 @@ Both states compute bit-for-bit the same outputs as long as the codes are untouc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from qmargin.quant.functional import check_stored, dequantize, fake_quantize, quantize
 from qmargin.quant.spec import QuantSpec
@@ -150,7 +152,7 @@ class QuantizedTensors(nn.Module):
             return value
         return self.quantized_tensor(name)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         # Training updates the float weights, so a stale stored form must not be used.
         if mode and self._frozen:
             self.unfreeze()
@@ -187,8 +189,8 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
         bias: bool = True,
         spec: QuantSpec | None = None,
         bias_spec: QuantSpec | None = None,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quant_specs = {"weight": spec or QuantSpec(8)}
@@ -220,7 +222,9 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
     Per-channel scales run over output channels.
     """
 
-    def __init__(self, *args, spec: QuantSpec | None = None, bias_spec: QuantSpec | None = None, **kwargs):
+    def __init__(
+        self, *args: Any, spec: QuantSpec | None = None, bias_spec: QuantSpec | None = None, **kwargs: Any
+    ) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         self.quant_specs = {"weight": spec or QuantSpec(8)}
         if self.bias is not None and bias_spec is not None:
