@@ -427,9 +427,12 @@ def lock_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield p
 
 
-def holds_lock(param: str, *, kind: str = "dir") -> Callable[[Callable[P, R]], Callable[P, R]]:
+def holds_lock(
+    param: str, *, kind: str = "dir", shared: bool = False
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: call the function holding the lock of its argument ``param`` (a directory with
-    ``kind="dir"``, an output file with ``kind="file"``); ``None`` takes no lock."""
+    ``kind="dir"``, ``shared`` for a reader; an output file with ``kind="file"``); ``None`` takes
+    no lock."""
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
 
@@ -445,7 +448,7 @@ def holds_lock(param: str, *, kind: str = "dir") -> Callable[[Callable[P, R]], C
             target = bound.arguments.get(param)
             if target is None:
                 return fn(*args, **kwargs)
-            with lock_directory(target) if kind == "dir" else lock_output(target):
+            with lock_directory(target, shared=shared) if kind == "dir" else lock_output(target):
                 return fn(*args, **kwargs)
 
         return locked

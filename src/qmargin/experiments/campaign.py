@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
-from qmargin.files import write_text_atomic
+from qmargin.files import check_outputs, holds_lock, write_text_atomic
 from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
 
@@ -265,6 +265,7 @@ def _code_buffers(model: nn.Module) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # the campaign
 # ------------------------------------------------------------------------------------------------
+@holds_lock("out_path", kind="file")  # one process per result file, for the whole campaign
 def run_ber_campaign(
     model: nn.Module,
     x_test: Tensor,
@@ -302,7 +303,10 @@ def run_ber_campaign(
         out_path: campaign JSON to write (partial after every pattern, atomically). A CSV with one
             row per ``(ber, pattern)`` is written beside it (:func:`campaign_csv_path`) at the end.
             An existing file with identical settings is resumed; with different settings a
-            ``ConfigError`` is raised unless ``overwrite`` is true.
+            ``ConfigError`` is raised unless ``overwrite`` is true. The campaign holds the lock of
+            ``out_path`` (:func:`qmargin.files.lock_output`) while it runs; a path that is not a
+            regular file, or whose CSV would be the same file (``r.csv``), raises
+            :class:`qmargin.files.OutputError` before anything runs.
         config: the resolved run configuration (JSON-serializable), stored beside the results.
         device: where to evaluate.
         progress: called with a :class:`CampaignProgress` after every completed pattern (after the
@@ -325,6 +329,8 @@ def run_ber_campaign(
     # Looked up per call, not at import: callers (and tests) may substitute qmargin.faults.inject.
     from qmargin.faults import BitErrorModel, inject, select_tensors
 
+    if out_path is not None:
+        check_outputs({"result JSON": out_path, "CSV": campaign_csv_path(out_path)})
     x = torch.as_tensor(x_test)
     y = torch.as_tensor(y_test).long()
     grid = _check_inputs(x, y, bers, repeats, base_seed, batch_size, patterns_per_pass)
