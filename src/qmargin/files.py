@@ -428,11 +428,12 @@ def lock_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def holds_lock(
-    param: str, *, kind: str = "dir", shared: bool = False
+    param: str, *, kind: str = "dir", shared: bool = False, also_check: Mapping[str, str] | None = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: call the function holding the lock of its argument ``param`` (a directory with
     ``kind="dir"``, ``shared`` for a reader; an output file with ``kind="file"``); ``None`` takes
-    no lock."""
+    no lock. ``also_check`` maps other output parameters to their kind (``{"results_dir": "dir"}``):
+    they are checked (:func:`check_output`) before the lock is taken and anything is created."""
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
 
@@ -446,6 +447,9 @@ def holds_lock(
             bound = signature.bind_partial(*args, **kwargs)
             bound.apply_defaults()
             target = bound.arguments.get(param)
+            for other, other_kind in (also_check or {}).items():
+                if bound.arguments.get(other) is not None:
+                    check_output(bound.arguments[other], kind=other_kind, what=other)
             if target is None:
                 return fn(*args, **kwargs)
             with lock_directory(target, shared=shared) if kind == "dir" else lock_output(target):

@@ -32,7 +32,7 @@ from qmargin.experiments.runs import (
     load_dataset,
     train_and_stress,
 )
-from qmargin.files import check_output, copy_file_atomic, holds_lock, write_text_atomic
+from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.report import mcel_markdown, plot_accuracy_vs_ber
 
 __all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction"]
@@ -95,7 +95,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-@holds_lock("out_dir")  # one process per output directory, for the whole run
+@holds_lock("out_dir", also_check={"results_dir": "dir"})  # one process per --out, whole run
 def run_mcel_reproduction(
     *,
     preset: str = "fast",
@@ -111,8 +111,6 @@ def run_mcel_reproduction(
     ``summary.json``, ``summary.md`` and ``accuracy_vs_ber_{bits}bit.png``. Everything resumes.
     Returns ``{"summary": ..., "markdown": ...}``.
     """
-    if results_dir is not None:
-        check_output(results_dir, kind="dir", what="results directory")
     if preset == "full" and preset_override is None:
         parts = [
             run_mcel_reproduction(preset=p, out_dir=Path(out_dir) / p, data_dir=data_dir, log=log)
