@@ -63,6 +63,7 @@ def run_input_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+@holds_lock("out_path", kind="file")  # one campaign per result file, for the whole run
 @holds_lock("run_dir", shared=True)  # readers share the run; a training into it is refused meanwhile
 def evaluate_run(
     run_dir: str | Path,
