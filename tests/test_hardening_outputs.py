@@ -429,3 +429,29 @@ def test_force_removes_the_results_of_the_old_weights(tmp_path):
     assert (run / "notes.txt").read_text() == "mine"  # not a result of the run: kept
     assert json.loads((run / "config.json").read_text())["config"]["seed"] == 1
     assert not any(p.name.startswith(".") for p in run.iterdir())  # lock and temporaries gone
+
+
+def test_results_are_never_shown_for_other_weights(tmp_path, capsys):
+    """A result under any name records the weights it was computed from; after a retraining,
+    ``compare`` refuses it (the default ``ber.json`` is removed by ``--force`` outright)."""
+    from qmargin.experiments.evaluate import evaluate_run
+    from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
+
+    data = load_dataset("digits")
+    cfg = TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, device="cpu",
+                      model_kwargs={"hidden": [16, 16]})
+    run = tmp_path / "run"
+    train_run(cfg, dataset=data, out_dir=run)
+    for name in ("ber.json", "custom.json"):
+        result = evaluate_run(run, bers=[0.0, 0.05], repeats=2, base_seed=100, out_path=run / name,
+                              device="cpu")
+        assert result["weights"]["file"] == str((run / "model.safetensors").resolve())
+    main(["compare", str(run), str(run / "custom.json"), "--out", str(tmp_path / "c.png")])  # fine
+    capsys.readouterr()
+    train_run(cfg.replace(seed=1), dataset=data, out_dir=run, force=True)
+    assert not (run / "ber.json").exists() and (run / "custom.json").exists()
+    line = _cli_error(capsys, ["compare", str(run / "custom.json"), "--out", str(tmp_path / "d.png")])
+    assert "belong to other weights" in line and "custom.json" in line
+    assert not (tmp_path / "d.png").exists()
+    line = _cli_error(capsys, ["compare", str(run), "--out", str(tmp_path / "d.png")])
+    assert "no campaign results" in line

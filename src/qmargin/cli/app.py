@@ -422,7 +422,7 @@ def compare(
     markdown: Annotated[bool, typer.Option(help="Print a markdown table instead of a rich table.")] = False,
 ) -> None:
     """Side-by-side table and one plot of several campaigns."""
-    from qmargin.experiments.campaign import load_campaign  # lazy: torch
+    from qmargin.experiments.campaign import check_result_weights, load_campaign  # lazy: torch
     from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber  # lazy: matplotlib
 
     names = [s.strip() for s in labels.split(",")] if labels else None
@@ -434,7 +434,7 @@ def compare(
         if not path.is_file():
             raise ConfigError(f"{path}: no campaign results (run 'qmargin evaluate {item}' first)")
         label = names[i] if names else (item.name if item.is_dir() else item.parent.name or item.stem)
-        results.append((label, load_campaign(path)))
+        results.append((label, check_result_weights(load_campaign(path), path)))
     out = check_output(out or Path("compare.png"), inputs=[*items, *(p / "ber.json" for p in items)])
     if markdown:
         print(format_markdown_table(results, compare=True))

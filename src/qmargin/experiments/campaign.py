@@ -54,6 +54,8 @@ __all__ = [
     "run_ber_campaign",
     "load_campaign",
     "campaign_csv_path",
+    "weights_record",
+    "check_result_weights",
     "summarize_accuracies",
 ]
 
@@ -90,6 +92,37 @@ class CampaignProgress:
 def campaign_csv_path(out_path: str | Path) -> Path:
     """The CSV written beside a campaign JSON: same name with suffix ``.csv``."""
     return Path(out_path).with_suffix(".csv")
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_record(weights_file: str | Path) -> dict[str, str]:
+    """``{"file": absolute path, "sha256": ...}`` of the weights a result is computed from; stored in
+    the result (``"weights"``) so that it is never shown for other weights (:func:`check_result_weights`)."""
+    p = Path(weights_file)
+    return {"file": str(p.resolve()), "sha256": _file_sha256(p)}
+
+
+def check_result_weights(result: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Refuse a stored result whose weights file now holds other weights (the run was retrained since)
+    with a one-line :class:`CheckpointError`; return ``result``. Results without a record (older
+    files, campaigns on models that are not run directories) and weights files that are gone pass."""
+    rec = result.get("weights")
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+        return result
+    weights = Path(rec["file"])
+    if weights.is_file() and _file_sha256(weights) != rec.get("sha256"):
+        raise CheckpointError(
+            f"{path}: these results belong to other weights than {weights} now holds (the run was "
+            "trained again); evaluate it again"
+        )
+    return result
 
 
 def summarize_accuracies(accuracies: Sequence[float]) -> dict[str, float]:
@@ -283,6 +316,7 @@ def run_ber_campaign(
     count_failures: bool | None = None,
     overwrite: bool = False,
     patterns_per_pass: int = 1,
+    weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a quantized model under random bit errors, over a BER grid and R patterns.
 
@@ -319,6 +353,8 @@ def run_ber_campaign(
             off for small models (see BENCHMARKS.md); the model's forward pass must be vmappable
             (quantized linear / conv layers, elementwise activations, pooling, eval BatchNorm).
             Ignored (one pattern per pass) when convergence failures are counted.
+        weights: :func:`weights_record` of the file the model was loaded from, stored as
+            ``"weights"`` (not a setting: the model fingerprint already pins a resumed campaign).
 
     Returns the result dict (the JSON content): ``clean_accuracy``, ``results`` (one entry per BER
     with ``ber``, ``mean``, ``std``, ``min``, ``max``, ``accuracies`` and, when counted,
@@ -379,6 +415,8 @@ def run_ber_campaign(
             },
             "qmargin_version": qmargin.__version__,
         }
+        if weights is not None:
+            settings["weights"] = dict(weights)
         path = Path(out_path) if out_path is not None else None
         state = _resume_state(path, settings, overwrite)
         t_start = time.perf_counter()
@@ -491,6 +529,8 @@ def _assemble(settings: dict[str, Any], state: dict[str, Any], status: str, seco
         out["clean_failures"] = state["clean_failures"]
     out["results"] = results
     out.update({k: settings[k] for k in SETTINGS_KEYS})
+    if "weights" in settings:
+        out["weights"] = settings["weights"]
     out["status"] = status
     n_done = sum(len(e["accuracies"]) for e in state["per_ber"])
     out["timing"] = {"seconds": round(seconds, 6), "patterns_done": n_done}

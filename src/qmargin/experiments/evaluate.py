@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmargin.data import dataset_info, load_dataset
 from qmargin.errors import ConfigError
-from qmargin.experiments.campaign import run_ber_campaign
+from qmargin.experiments.campaign import run_ber_campaign, weights_record
 from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
 from qmargin.files import check_outputs, holds_lock
 from qmargin.training import load_run, resolve_device
@@ -98,6 +98,7 @@ def evaluate_run(
         )
     dev = resolve_device(device)
     model, config, _ = load_run(run_dir, device=dev)
+    weights = weights_record(Path(run_dir) / MODEL_FILE)  # the result is only shown for these weights
     extra: dict[str, Any] = {}
     if not config.quantized:
         bits = DEFAULT_PTQ_BITS if ptq_bits is None else ptq_bits
@@ -124,6 +125,7 @@ def evaluate_run(
         progress=progress,
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
+        weights=weights,
     )
 
 
