@@ -347,11 +347,12 @@ def _flock(lock_file: Path, subject: Path, noun: str, shared: bool) -> Iterator[
         try:
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            if shared and err.errno in _NOT_WRITABLE:
-                # a read-only run: nobody can write into it either, so readers need no lock
-                yield
-                return
-            raise
+            if not (shared and err.errno in _NOT_WRITABLE):
+                raise
+            fd = -1  # a read-only run: nobody can write into it either, so readers need no lock
+        if fd < 0:
+            yield
+            return
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
