@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qmargin.errors import ConfigError
+from qmargin.files import check_output, check_outputs, lock_output
 from qmargin.files import write_json_atomic as atomic_write_json
 
 app = typer.Typer(
@@ -344,8 +346,13 @@ def evaluate(
         tuple(parse_int_list(protected_bits, "--protected-bits", lo=0, hi=7)) if protected_bits else ()
     )
     out = out or run / "ber.json"
-    from qmargin.experiments.evaluate import evaluate_run  # lazy: torch
+    from qmargin.experiments.evaluate import evaluate_run, run_input_files  # lazy: torch
     from qmargin.report import ber_table, plot_accuracy_vs_ber  # lazy: matplotlib
+
+    derived = {"result JSON (--out)": out, "CSV": out.with_suffix(".csv")}
+    if plot:
+        derived["plot"] = out.with_suffix(".png")
+    check_outputs(derived, inputs=run_input_files(run))
 
     with _CampaignProgress(enabled=_progress_enabled(quiet)) as progress:
         result = evaluate_run(
@@ -415,7 +422,7 @@ def compare(
     markdown: Annotated[bool, typer.Option(help="Print a markdown table instead of a rich table.")] = False,
 ) -> None:
     """Side-by-side table and one plot of several campaigns."""
-    from qmargin.experiments.campaign import load_campaign  # lazy: torch
+    from qmargin.experiments.campaign import check_result_weights, load_campaign  # lazy: torch
     from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber  # lazy: matplotlib
 
     names = [s.strip() for s in labels.split(",")] if labels else None
@@ -427,12 +434,12 @@ def compare(
         if not path.is_file():
             raise ConfigError(f"{path}: no campaign results (run 'qmargin evaluate {item}' first)")
         label = names[i] if names else (item.name if item.is_dir() else item.parent.name or item.stem)
-        results.append((label, load_campaign(path)))
+        results.append((label, check_result_weights(load_campaign(path), path)))
+    out = check_output(out or Path("compare.png"), inputs=[*items, *(p / "ber.json" for p in items)])
     if markdown:
         print(format_markdown_table(results, compare=True))
     else:
         console.print(compare_table(results, title="accuracy under random bit errors"))
-    out = out or Path("compare.png")
     plot_accuracy_vs_ber(results, out, title="accuracy vs bit error rate")
     console.print(f"wrote {out}")
 
@@ -478,15 +485,20 @@ def certify(
     if ber is not None and not 0.0 <= ber <= 1.0:
         raise ConfigError(f"--ber must be in [0, 1], got {ber}")
     from qmargin.experiments.certify import certify_checkpoint  # lazy: torch
+    from qmargin.experiments.evaluate import run_input_files  # lazy: torch
     from qmargin.report.certificates import certificate_table  # lazy: matplotlib (qmargin.report)
 
-    result = certify_checkpoint(
-        checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed
-    )
-    console.print(certificate_table(result["results"], title=f"{checkpoint}: quantization certificates"))
-    if out is not None:
-        atomic_write_json(out, result)
-        console.print(f"wrote {out}")
+    with ExitStack() as outputs:
+        if out is not None:  # checked and locked before the work, held until written
+            check_output(out, inputs=run_input_files(checkpoint), what="--out")
+            outputs.enter_context(lock_output(out))
+        result = certify_checkpoint(
+            checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed
+        )
+        console.print(certificate_table(result["results"], title=f"{checkpoint}: quantization certificates"))
+        if out is not None:
+            atomic_write_json(out, result)
+            console.print(f"wrote {out}")
 
 
 # -- reproduce ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 
 from qmargin.experiments.evaluate import error_model_for
 from qmargin.experiments.runs import TrainConfig, load_dataset, train_and_stress
-from qmargin.files import write_text_atomic
+from qmargin.files import holds_lock, write_text_atomic
 from qmargin.report import ablation_markdown
 
 __all__ = ["AblationPoint", "default_grid", "run_mcel_ablation", "select_default"]
@@ -70,6 +70,7 @@ def default_grid() -> list[AblationPoint]:
     return pts
 
 
+@holds_lock("out_dir", also_check={"results_dir": "dir"})  # one process per --out, whole run
 def run_mcel_ablation(
     *,
     out_dir: str | Path = "runs/mcel-ablation",

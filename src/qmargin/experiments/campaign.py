@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
-from qmargin.files import write_text_atomic
+from qmargin.files import check_outputs, holds_lock, write_text_atomic
 from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
 
@@ -54,6 +54,8 @@ __all__ = [
     "run_ber_campaign",
     "load_campaign",
     "campaign_csv_path",
+    "weights_record",
+    "check_result_weights",
     "summarize_accuracies",
 ]
 
@@ -90,6 +92,37 @@ class CampaignProgress:
 def campaign_csv_path(out_path: str | Path) -> Path:
     """The CSV written beside a campaign JSON: same name with suffix ``.csv``."""
     return Path(out_path).with_suffix(".csv")
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_record(weights_file: str | Path) -> dict[str, str]:
+    """``{"file": absolute path, "sha256": ...}`` of the weights a result is computed from; stored in
+    the result (``"weights"``) so that it is never shown for other weights (:func:`check_result_weights`)."""
+    p = Path(weights_file)
+    return {"file": str(p.resolve()), "sha256": _file_sha256(p)}
+
+
+def check_result_weights(result: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Refuse a stored result whose weights file now holds other weights (the run was retrained since)
+    with a one-line :class:`CheckpointError`; return ``result``. Results without a record (older
+    files, campaigns on models that are not run directories) and weights files that are gone pass."""
+    rec = result.get("weights")
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+        return result
+    weights = Path(rec["file"])
+    if weights.is_file() and _file_sha256(weights) != rec.get("sha256"):
+        raise CheckpointError(
+            f"{path}: these results belong to other weights than {weights} now holds (the run was "
+            "trained again); evaluate it again"
+        )
+    return result
 
 
 def summarize_accuracies(accuracies: Sequence[float]) -> dict[str, float]:
@@ -265,6 +298,7 @@ def _code_buffers(model: nn.Module) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # the campaign
 # ------------------------------------------------------------------------------------------------
+@holds_lock("out_path", kind="file")  # one process per result file, for the whole campaign
 def run_ber_campaign(
     model: nn.Module,
     x_test: Tensor,
@@ -282,6 +316,7 @@ def run_ber_campaign(
     count_failures: bool | None = None,
     overwrite: bool = False,
     patterns_per_pass: int = 1,
+    weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a quantized model under random bit errors, over a BER grid and R patterns.
 
@@ -302,7 +337,10 @@ def run_ber_campaign(
         out_path: campaign JSON to write (partial after every pattern, atomically). A CSV with one
             row per ``(ber, pattern)`` is written beside it (:func:`campaign_csv_path`) at the end.
             An existing file with identical settings is resumed; with different settings a
-            ``ConfigError`` is raised unless ``overwrite`` is true.
+            ``ConfigError`` is raised unless ``overwrite`` is true. The campaign holds the lock of
+            ``out_path`` (:func:`qmargin.files.lock_output`) while it runs; a path that is not a
+            regular file, or whose CSV would be the same file (``r.csv``), raises
+            :class:`qmargin.files.OutputError` before anything runs.
         config: the resolved run configuration (JSON-serializable), stored beside the results.
         device: where to evaluate.
         progress: called with a :class:`CampaignProgress` after every completed pattern (after the
@@ -315,6 +353,8 @@ def run_ber_campaign(
             off for small models (see BENCHMARKS.md); the model's forward pass must be vmappable
             (quantized linear / conv layers, elementwise activations, pooling, eval BatchNorm).
             Ignored (one pattern per pass) when convergence failures are counted.
+        weights: :func:`weights_record` of the file the model was loaded from, stored as
+            ``"weights"`` (not a setting: the model fingerprint already pins a resumed campaign).
 
     Returns the result dict (the JSON content): ``clean_accuracy``, ``results`` (one entry per BER
     with ``ber``, ``mean``, ``std``, ``min``, ``max``, ``accuracies`` and, when counted,
@@ -325,6 +365,8 @@ def run_ber_campaign(
     # Looked up per call, not at import: callers (and tests) may substitute qmargin.faults.inject.
     from qmargin.faults import BitErrorModel, inject, select_tensors
 
+    if out_path is not None:
+        check_outputs({"result JSON": out_path, "CSV": campaign_csv_path(out_path)})
     x = torch.as_tensor(x_test)
     y = torch.as_tensor(y_test).long()
     grid = _check_inputs(x, y, bers, repeats, base_seed, batch_size, patterns_per_pass)
@@ -373,6 +415,8 @@ def run_ber_campaign(
             },
             "qmargin_version": qmargin.__version__,
         }
+        if weights is not None:
+            settings["weights"] = dict(weights)
         path = Path(out_path) if out_path is not None else None
         state = _resume_state(path, settings, overwrite)
         t_start = time.perf_counter()
@@ -485,6 +529,8 @@ def _assemble(settings: dict[str, Any], state: dict[str, Any], status: str, seco
         out["clean_failures"] = state["clean_failures"]
     out["results"] = results
     out.update({k: settings[k] for k in SETTINGS_KEYS})
+    if "weights" in settings:
+        out["weights"] = settings["weights"]
     out["status"] = status
     n_done = sum(len(e["accuracies"]) for e in state["per_ber"])
     out["timing"] = {"seconds": round(seconds, 6), "patterns_done": n_done}

@@ -16,6 +16,7 @@ from typing import Any
 from qmargin.experiments.certify import demo_mondeq_certificates
 from qmargin.experiments.evaluate import error_model_for
 from qmargin.experiments.runs import TrainConfig, TrainResult, load_dataset, train_and_stress
+from qmargin.files import holds_lock
 
 __all__ = ["run_demo", "DEMO_BITS"]
 
@@ -23,6 +24,7 @@ DEMO_BITS = (3, 4, 5, 6, 8)
 """Bit widths at which the demo certifies its MonDEQ."""
 
 
+@holds_lock("out_dir")  # one process per output directory, for the whole run
 def run_demo(
     *,
     bits: int = 4,

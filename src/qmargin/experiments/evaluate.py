@@ -8,16 +8,24 @@ from typing import TYPE_CHECKING, Any
 
 from qmargin.data import dataset_info, load_dataset
 from qmargin.errors import ConfigError
-from qmargin.experiments.campaign import run_ber_campaign
+from qmargin.experiments.campaign import run_ber_campaign, weights_record
 from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
+from qmargin.files import check_outputs, holds_lock
 from qmargin.training import load_run, resolve_device
+from qmargin.training.checkpoint import CONFIG_FILE, INTEGER_FILE, METRICS_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     from torch import nn
 
     from qmargin.training import TrainConfig
 
-__all__ = ["evaluate_run", "error_model_for", "post_training_quantized", "DEFAULT_PTQ_BITS"]
+__all__ = [
+    "evaluate_run",
+    "error_model_for",
+    "post_training_quantized",
+    "run_input_files",
+    "DEFAULT_PTQ_BITS",
+]
 
 DEFAULT_PTQ_BITS = 8
 """Bit width a float run (``--bits 32``) is quantized to before a campaign, unless told otherwise."""
@@ -46,6 +54,17 @@ def error_model_for(
     )
 
 
+def run_input_files(path: str | Path) -> list[Path]:
+    """The files a command reads from ``path``: a run directory's weights, config and metrics, or
+    ``path`` itself. No output may be one of them (:func:`qmargin.files.check_output`)."""
+    p = Path(path)
+    if p.is_dir():
+        return [p / name for name in (CONFIG_FILE, MODEL_FILE, INTEGER_FILE, METRICS_FILE)]
+    return [p]
+
+
+@holds_lock("out_path", kind="file")  # one campaign per result file, for the whole run
+@holds_lock("run_dir", shared=True)  # readers share the run; a training into it is refused meanwhile
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -72,8 +91,14 @@ def evaluate_run(
     quantizer settings, and the result records ``config["ptq_bits"]``. ``ptq_bits`` on a quantized run
     is an error (its stored codes are what is evaluated).
     """
+    if out_path is not None:
+        check_outputs(
+            {"result JSON": out_path, "CSV": Path(out_path).with_suffix(".csv")},
+            inputs=run_input_files(run_dir),
+        )
     dev = resolve_device(device)
     model, config, _ = load_run(run_dir, device=dev)
+    weights = weights_record(Path(run_dir) / MODEL_FILE)  # the result is only shown for these weights
     extra: dict[str, Any] = {}
     if not config.quantized:
         bits = DEFAULT_PTQ_BITS if ptq_bits is None else ptq_bits
@@ -100,6 +125,7 @@ def evaluate_run(
         progress=progress,
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
+        weights=weights,
     )
 
 

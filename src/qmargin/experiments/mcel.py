@@ -32,7 +32,7 @@ from qmargin.experiments.runs import (
     load_dataset,
     train_and_stress,
 )
-from qmargin.files import copy_file_atomic, write_text_atomic
+from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.report import mcel_markdown, plot_accuracy_vs_ber
 
 __all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction"]
@@ -95,6 +95,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@holds_lock("out_dir", also_check={"results_dir": "dir"})  # one process per --out, whole run
 def run_mcel_reproduction(
     *,
     preset: str = "fast",

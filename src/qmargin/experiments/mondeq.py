@@ -34,7 +34,7 @@ from qmargin.deq import (
 from qmargin.deq.operators import DenseOperator
 from qmargin.errors import ConfigError
 from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
-from qmargin.files import copy_file_atomic, write_text_atomic
+from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.models.mondeq import build_mondeq
 from qmargin.quant import QuantSpec
 from qmargin.report import mondeq_markdown, plot_mondeq_displacement, plot_mondeq_margin_vs_bits
@@ -157,6 +157,7 @@ def _displacement(q_model: MonDEQClassifier, x: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+@holds_lock("out_dir", also_check={"results_dir": "dir"})  # one process per --out, whole run
 def run_mondeq_reproduction(
     *,
     preset: str = "fast",

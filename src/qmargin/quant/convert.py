@@ -276,16 +276,13 @@ class IntegerState:
     aliases: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from qmargin.files import write_safetensors_atomic
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
         meta = {"qmargin.specs": json.dumps(self.specs)}
         if self.aliases:
             meta["qmargin.aliases"] = json.dumps(self.aliases)
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_safetensors_atomic(path, tensors, metadata=meta)  # atomic; a full disk is an OSError
 
     @classmethod
     def load(cls, path: str | Path) -> IntegerState:

@@ -13,23 +13,34 @@ While training, ``checkpoint.safetensors`` (model, optimizer tensors, RNG states
 ``trainer_state.json`` (epoch, step, history, optimizer hyper-parameters, scheduler, RNG scalars) are
 rewritten after every epoch; both carry the epoch and step, and a mismatch is reported instead of
 resuming from an inconsistent pair. They are removed once the run is finished. Every file is written
-to a temporary name and moved into place with ``os.replace``. No pickle anywhere.
+to a temporary name and moved into place with ``os.replace`` (:mod:`qmargin.files`; safetensors files
+are serialized in memory and written by Python, so a full disk is an ``OSError`` naming the file).
+No pickle anywhere.
+
+One process at a time: :func:`locked_run_dir` (the trainer's decorator) holds the run directory's
+lock (``.qmargin.lock``, :func:`qmargin.files.lock_directory`) for the whole run; a second process
+gets a one-line :class:`qmargin.files.BusyError` naming the holder's PID. Results derived from a run
+by default (``ber.json``, ``ber.csv``, ``ber.png``: :data:`DERIVED_FILES`) belong to its weights:
+restarting the run from scratch (``force``) removes them with the run's own files.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from qmargin.errors import CheckpointError, ConfigError
-from qmargin.files import atomic_path, write_json_atomic
+from qmargin.files import lock_directory, write_json_atomic, write_safetensors_atomic
 from qmargin.training.config import TrainConfig
 
 __all__ = [
@@ -39,6 +50,8 @@ __all__ = [
     "METRICS_FILE",
     "CHECKPOINT_FILE",
     "STATE_FILE",
+    "DERIVED_FILES",
+    "locked_run_dir",
     "atomic_write_json",
     "read_json",
     "save_tensors",
@@ -61,6 +74,12 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATE_FILE = "trainer_state.json"
 STATE_FORMAT = 1
+DERIVED_FILES = ("ber.json", "ber.csv", "ber.png")
+"""Results ``qmargin evaluate`` (and ``train_and_stress``) derive from a run's weights by default;
+a run restarted from scratch removes them with its own files (they describe the old weights)."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # -- atomic files -------------------------------------------------------------------------------
@@ -86,11 +105,8 @@ def save_tensors(
     path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Save tensors with safetensors, atomically (every tensor copied to a contiguous CPU tensor)."""
-    from safetensors.torch import save_file
-
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path, mkdir=False) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+    write_safetensors_atomic(path, flat, metadata=metadata)
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -108,6 +124,23 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not a readable safetensors file ({detail})") from None
     return tensors, meta
+
+
+def locked_run_dir(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator of a function with a keyword argument ``out_dir`` (a run directory): check that it is
+    not a file (:class:`ConfigError`), create it and hold its lock for the whole call."""
+
+    @functools.wraps(fn)
+    def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+        out_dir = kwargs.get("out_dir")
+        if not isinstance(out_dir, (str, os.PathLike)):
+            return fn(*args, **kwargs)  # the function reports the missing or wrong argument
+        if os.fspath(out_dir).strip() and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ConfigError(f"{out_dir} exists and is not a directory")
+        with lock_directory(out_dir):
+            return fn(*args, **kwargs)
+
+    return locked
 
 
 # -- optimizer state ----------------------------------------------------------------------------

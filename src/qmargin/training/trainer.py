@@ -36,6 +36,7 @@ from qmargin.quant import export_integer_state
 from qmargin.training.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    DERIVED_FILES,
     INTEGER_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -44,6 +45,7 @@ from qmargin.training.checkpoint import (
     atomic_write_json,
     load_checkpoint,
     load_run,
+    locked_run_dir,
     read_run_config,
     save_checkpoint,
     save_tensors,
@@ -232,13 +234,14 @@ def _tensors(dataset: TrainingData, device: torch.device) -> tuple[Tensor, Tenso
 
 
 def _remove_run_files(run_dir: Path) -> None:
-    for name in RUN_FILES:
+    for name in RUN_FILES + DERIVED_FILES:  # results of the old weights go with them
         (run_dir / name).unlink(missing_ok=True)
 
 
 # -- the trainer --------------------------------------------------------------------------------
 
 
+@locked_run_dir  # one process per run directory, for the whole run
 def train(
     config: TrainConfig,
     *,
