@@ -94,7 +94,7 @@ def req_float(
     if not math.isfinite(v):
         raise invalid(where, f"{name} must be a finite number, got {v}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{'-inf' if lo is None else lo:g}, {'inf' if hi is None else hi:g}]"
+        rng = f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
         raise invalid(where, f"{name} must be in {rng}, got {v:g}")
     return v
 
