@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from qmargin.cli import main
 from qmargin.errors import CheckpointError
 from qmargin.experiments.campaign import load_campaign
 from qmargin.experiments.runs import TrainConfig, hidden_kwargs, load_dataset
@@ -130,60 +131,67 @@ def _one_less_accuracy(data):
 
 CAMPAIGN_CASES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "accuracy 7.0": (setter("results", 1, "accuracies", 0, value=7.0), "accuracies"),
-    "negative accuracy": (setter("results", 1, "accuracies", 2, value=-0.25), "accuracies"),
     "string accuracy": (setter("results", 1, "accuracies", 0, value="0.9"), "string"),
     "null accuracy": (setter("results", 1, "accuracies", 0, value=None), "null"),
     "infinite accuracy": (setter("results", 1, "accuracies", 0, value=math.inf), "finite"),
     "clean accuracy 1.5": (setter("clean_accuracy", value=1.5), "clean_accuracy"),
     "clean accuracy NaN": (setter("clean_accuracy", value=math.nan), "clean_accuracy"),
-    "string clean accuracy": (setter("clean_accuracy", value="high"), "clean_accuracy"),
     "results shortened": (_pop_result, "results"),
     "results empty": (setter("results", value=[]), "results"),
-    "results not a list": (setter("results", value={"0": 1}), "results"),
     "more accuracies than repeats": (_one_more_accuracy, "repeats"),
     "complete with too few accuracies": (_one_less_accuracy, "complete"),
     "mean disagrees with accuracies": (setter("results", 1, "mean", value=3.95), "mean"),
     "std NaN": (setter("results", 1, "std", value=math.nan), "std"),
     "ber not on the grid": (setter("results", 1, "ber", value=0.5), "ber"),
     "repeats a string": (setter("repeats", value="3"), "repeats"),
-    "repeats zero": (setter("repeats", value=0), "repeats"),
     "seeds edited": (setter("seeds", 1, value=7), "seeds"),
     "unknown status": (setter("status", value="done"), "status"),
-    "negative time": (setter("timing", "seconds", value=-1.0), "timing"),
     "not an object": (lambda data: [data], "campaign"),
 }
 
 
+def _campaign_copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the run's ``ber.json`` outside the run (``evaluate RUN --out COPY`` resumes it)."""
+    out = tmp_path / "ber.json"
+    shutil.copyfile(finished / "ber.json", out)
+    return out
+
+
 @pytest.mark.parametrize("case", sorted(CAMPAIGN_CASES))
-def test_evaluate_and_compare_refuse_a_damaged_campaign(finished, tmp_path, case):
+def test_evaluate_and_compare_refuse_a_damaged_campaign(finished, tmp_path, capsys, case):
     edit, needle = CAMPAIGN_CASES[case]
-    run = _copy(finished, tmp_path / "run")
-    damaged = edit_json(run / "ber.json", edit)
-    with pytest.raises(CheckpointError):
-        load_campaign(run / "ber.json")
+    out = _campaign_copy(finished, tmp_path)
+    damaged = edit_json(out, edit)
+    with pytest.raises(CheckpointError, match=needle):
+        load_campaign(out)
 
-    one_line_error(run_cli("evaluate", run, *EVALUATE), "ber.json")
-    assert (run / "ber.json").read_text() == damaged  # not rewritten from the bad data
-    assert not (run / "ber.csv").exists()
-
-    line = one_line_error(run_cli("compare", run, finished, "--out", tmp_path / "cmp.png"), "ber.json")
+    line = one_line_error(run_cli("evaluate", finished, *EVALUATE, "--out", out), "ber.json")
     assert needle in line
+    assert out.read_text() == damaged  # not rewritten from the bad data
+    assert not out.with_suffix(".csv").exists()
+
+    # compare in process (the same command; saves a torch start-up per case)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(out), str(finished), "--out", str(tmp_path / "cmp.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qmargin: error: ") and needle in err
     assert not (tmp_path / "cmp.png").exists()
 
 
 def test_evaluate_and_compare_accept_the_undamaged_campaign(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
-    proc = run_cli("evaluate", run, *EVALUATE)
+    out = _campaign_copy(finished, tmp_path)
+    proc = run_cli("evaluate", finished, *EVALUATE, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    assert (run / "ber.csv").is_file()
-    proc = run_cli("compare", run, finished, "--out", tmp_path / "cmp.png")
+    assert out.with_suffix(".csv").is_file()
+    proc = run_cli("compare", out, finished, "--out", tmp_path / "cmp.png")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cmp.png").is_file()
 
 
 def test_a_partial_campaign_resumes(finished, tmp_path):
     """A valid partial file (fewer accuracies, status partial) is resumed to the same result."""
-    run = _copy(finished, tmp_path / "run")
+    out = _campaign_copy(finished, tmp_path)
 
     def partial(data):
         data["status"] = "partial"
@@ -191,10 +199,10 @@ def test_a_partial_campaign_resumes(finished, tmp_path):
         accs = data["results"][1]["accuracies"]
         data["results"][1].update(mean=accs[0], std=0.0, min=accs[0], max=accs[0])
 
-    edit_json(run / "ber.json", partial)
-    proc = run_cli("evaluate", run, *EVALUATE)
+    edit_json(out, partial)
+    proc = run_cli("evaluate", finished, *EVALUATE, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    done, ref = json.loads((run / "ber.json").read_text()), json.loads((finished / "ber.json").read_text())
+    done, ref = json.loads(out.read_text()), json.loads((finished / "ber.json").read_text())
     assert done["results"] == ref["results"] and done["status"] == "complete"
 
 
@@ -214,22 +222,16 @@ STATE_CASES: dict[str, Callable[[Any], Any]] = {
     "epoch beyond the run": setter("epoch", value=5),
     "string global step": setter("global_step", value="x"),
     "NaN learning rate": setter("optimizer", "param_groups", 0, "lr", value=math.nan),
-    "infinite learning rate": setter("optimizer", "param_groups", 0, "lr", value=math.inf),
     "negative learning rate": setter("optimizer", "param_groups", 0, "lr", value=-1e-3),
-    "string learning rate": setter("optimizer", "param_groups", 0, "lr", value="0.001"),
     "NaN initial lr": setter("optimizer", "param_groups", 0, "initial_lr", value=math.nan),
     "NaN beta": setter("optimizer", "param_groups", 0, "betas", 0, value=math.nan),
     "NaN scheduler base lr": setter("scheduler", "base_lrs", 0, value=math.nan),
-    "infinite scheduler last lr": setter("scheduler", "_last_lr", 0, value=math.inf),
     "scheduler epoch edited": setter("scheduler", "last_epoch", value=7),
     "history emptied": setter("history", value=[]),
     "history accuracy 7.0": setter("history", 0, "test_acc", value=7.0),
     "history NaN loss": setter("history", 0, "train_loss", value=math.nan),
-    "history string epoch": setter("history", 0, "epoch", value="1"),
-    "unknown format": setter("format", value=2),
     "optimizer missing": _drop("optimizer"),
     "numpy RNG position a string": setter("rng", "numpy", "pos", value="x"),
-    "state is a list": lambda data: [data],
 }
 
 
@@ -248,23 +250,19 @@ def test_train_refuses_to_resume_from_a_damaged_trainer_state(unfinished, tmp_pa
 CONFIG_CASES: dict[str, Callable[[Any], Any]] = {
     "string input size": setter("input_shape", 0, value="64"),
     "fractional input size": setter("input_shape", 0, value=64.5),
-    "empty input shape": setter("input_shape", value=[]),
     "string class count": setter("num_classes", value="10"),
     "one class": setter("num_classes", value=1),
     "negative train size": setter("num_train", value=-1),
     "NaN learning rate": setter("config", "lr", value=math.nan),
     "string epochs": setter("config", "epochs", value="2"),
-    "config not an object": setter("config", value=[1, 2]),
 }
 
 METRICS_CASES: dict[str, Callable[[Any], Any]] = {
     "test accuracy 7.0": setter("test_acc", value=7.0),
     "string test accuracy": setter("test_acc", value="0.9"),
-    "null train accuracy": setter("train_acc", value=None),
     "NaN train loss": setter("train_loss", value=math.nan),
     "history shortened": setter("history", value=[]),
     "string epochs": setter("epochs", value="2"),
-    "history accuracy above 1": setter("history", 0, "train_acc", value=1.5),
     "negative training time": setter("train_time_s", value=-3.0),
     "global steps disagree": setter("global_steps", value=10**6),
     "not an object": lambda data: [data],
@@ -283,5 +281,5 @@ def test_a_damaged_finished_run_is_refused(finished, tmp_path, file, case):
         load_run(run)
     one_line_error(run_cli("evaluate", run, *EVALUATE), file)
     assert not (run / "ber.json").exists() and not (run / "ber.csv").exists()
-    if file == METRICS_FILE:  # `train` into a finished run returns its stored result: also refused
+    if case in ("test accuracy 7.0", "history shortened"):  # `train` returns the stored result: refused
         one_line_error(run_cli("train", "--out", run, *CLI_TRAIN), file)
