@@ -12,7 +12,8 @@
 
 A file is read only with ``torch.load(path, map_location="cpu", weights_only=True)``: no arbitrary
 pickled objects are ever executed. Anything that is not a dict of tensors with the expected keys and
-consistent shapes raises :class:`qmargin.errors.CheckpointError` (one line). A top-level wrapper
+consistent shapes, or whose entries are not finite ``float32`` tensors (no silent casts),
+raises :class:`qmargin.errors.CheckpointError` (one line). A top-level wrapper
 ``{"state_dict": {...}}`` (or ``"model_state_dict"``, ``"model"``) is unwrapped.
 """
 
@@ -52,6 +53,8 @@ COMPANION_2026_KEYS = (
     "classifier.weight", "classifier.bias",
 )
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
+WEIGHT_DTYPE = torch.float32
+"""The dtype every imported entry must have (the classifier's parameters): nothing is cast on import."""
 
 Source = str | os.PathLike | Mapping[str, Any]
 
@@ -114,10 +117,14 @@ def _check_keys(sd: Mapping[str, Tensor], keys: tuple[str, ...], fmt: str) -> No
     if extra:
         raise CheckpointError(f"{fmt} MonDEQ checkpoint has unexpected entries: {', '.join(extra[:3])}")
     for k in keys:
-        if not torch.is_floating_point(sd[k]):
-            raise CheckpointError(f"{fmt} checkpoint entry {k} is {sd[k].dtype}, expected floating point")
+        if sd[k].dtype != WEIGHT_DTYPE:
+            raise CheckpointError(
+                f"{fmt} checkpoint entry {k} is {str(sd[k].dtype).removeprefix('torch.')}, expected "
+                f"{str(WEIGHT_DTYPE).removeprefix('torch.')} (refusing to cast)"
+            )
         if not bool(torch.isfinite(sd[k]).all()):
-            raise CheckpointError(f"{fmt} checkpoint entry {k} has non-finite values")
+            n_bad = int((~torch.isfinite(sd[k])).sum())
+            raise CheckpointError(f"{fmt} checkpoint entry {k} has {n_bad} non-finite value(s) (NaN or inf)")
 
 
 def _shape(sd: Mapping[str, Tensor], key: str, expected: tuple[int | None, ...], fmt: str) -> tuple[int, ...]:
@@ -138,7 +145,9 @@ def _fill(
     with torch.no_grad():
         for p, t in ((core.A, A), (core.B, B), (core.U, U), (core.b, b), (model.head.weight, Wh),
                      (model.head.bias, bh)):
-            p.copy_(t.to(p.dtype))
+            if t.dtype != p.dtype:  # _check_keys refused it already; never cast silently
+                raise CheckpointError(f"checkpoint tensor is {t.dtype}, the model stores {p.dtype}")
+            p.copy_(t)
 
 
 def load_reference_2020(source: Source, m: float = 1.0, **kwargs: Any) -> MonDEQClassifier:
@@ -186,7 +195,7 @@ def load_companion_2026(source: Source, learn_m: bool = True, **kwargs: Any) -> 
     model = MonDEQClassifier(d, n, C, r=r, m=m, learn_m=learn_m, **kwargs)
     if learn_m:
         with torch.no_grad():
-            model.core.m_raw.copy_(m_raw.to(model.core.m_raw.dtype))
+            model.core.m_raw.copy_(m_raw)
     _fill(model, sd["mon.core.A"], sd["mon.core.S"], sd["mon.core.U"], sd["mon.core.b"],
           sd["classifier.weight"], sd["classifier.bias"])
     return model

@@ -48,11 +48,13 @@ from qmargin.errors import CheckpointError, ConfigError, DataError
 from qmargin.files import check_outputs, holds_lock, write_text_atomic
 from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
+from qmargin.training.validation import invalid, req_accuracy, req_dict, req_float, req_int, req_list
 
 __all__ = [
     "CampaignProgress",
     "run_ber_campaign",
     "load_campaign",
+    "validate_campaign",
     "campaign_csv_path",
     "weights_record",
     "check_result_weights",
@@ -134,7 +136,8 @@ def summarize_accuracies(accuracies: Sequence[float]) -> dict[str, float]:
 
 
 def load_campaign(path: str | Path) -> dict[str, Any]:
-    """Read a campaign result JSON written by :func:`run_ber_campaign`."""
+    """Read a campaign result JSON written by :func:`run_ber_campaign`, validated by
+    :func:`validate_campaign` (a one-line :class:`CheckpointError` when anything is wrong)."""
     path = Path(path)
     try:
         with path.open(encoding="utf-8") as f:
@@ -145,6 +148,78 @@ def load_campaign(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a campaign result (invalid JSON: {err})") from None
     if not isinstance(data, dict) or "results" not in data or "clean_accuracy" not in data:
         raise CheckpointError(f"{path} is not a campaign result (no 'results' / 'clean_accuracy')")
+    return validate_campaign(path, data)
+
+
+_SUMMARY_TOL = 1e-9
+
+
+def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
+    """Check a campaign result (``ber.json``) against its own settings; return it unchanged.
+
+    Accuracies are fractions in ``[0, 1]``; ``repeats`` >= 1 and ``seeds == base_seed + r``; one
+    ``results`` entry per grid BER (same order); per BER at most ``repeats`` accuracies (exactly
+    ``repeats`` when ``status`` is ``"complete"``); ``mean``/``std``/``min``/``max`` present exactly
+    when there are accuracies and equal to :func:`summarize_accuracies` of them; failure counts
+    non-negative integers, one per accuracy, at most ``evaluation.n_test``.
+    """
+    req_dict(where, data, "campaign result")
+    status = data.get("status")
+    if status not in ("partial", "complete"):
+        raise invalid(where, f"status must be 'partial' or 'complete', got {status!r}")
+    repeats = req_int(where, data.get("repeats"), "repeats", lo=1)
+    base_seed = req_int(where, data.get("base_seed"), "base_seed", lo=0)
+    seeds = req_list(where, data.get("seeds"), "seeds", length=repeats)
+    if seeds != [base_seed + r for r in range(repeats)]:
+        raise invalid(where, "seeds are not base_seed + r for r = 0 .. repeats - 1")
+    bers = req_list(where, data.get("bers"), "bers")
+    if not bers:
+        raise invalid(where, "bers is empty")
+    grid = [req_float(where, b, "bers entry", lo=0.0, hi=1.0) for b in bers]
+    evaluation = req_dict(where, data.get("evaluation", {}), "evaluation")
+    n_test = None
+    if "n_test" in evaluation:
+        n_test = req_int(where, evaluation["n_test"], "evaluation.n_test", lo=1)
+    counted = evaluation.get("count_failures", False) is True
+    req_accuracy(where, data.get("clean_accuracy"), "clean_accuracy")
+    if counted and "clean_failures" not in data:
+        raise invalid(where, "evaluation.count_failures is set but clean_failures is missing")
+    if "clean_failures" in data:
+        req_int(where, data["clean_failures"], "clean_failures", lo=0, hi=n_test)
+    results = req_list(where, data.get("results"), "results", length=len(grid))
+    for i, (ber, entry) in enumerate(zip(grid, results, strict=True)):
+        name = f"results[{i}]"
+        req_dict(where, entry, name)
+        if req_float(where, entry.get("ber"), f"{name}.ber", lo=0.0, hi=1.0) != ber:
+            raise invalid(where, f"{name}.ber is {entry['ber']}, the grid has {ber}")
+        accs = req_list(where, entry.get("accuracies"), f"{name}.accuracies")
+        if len(accs) > repeats:
+            raise invalid(where, f"{name} has {len(accs)} accuracies, more than repeats ({repeats})")
+        if status == "complete" and len(accs) != repeats:
+            raise invalid(where, f"{name} has {len(accs)} accuracies; a complete result has {repeats}")
+        values = [req_accuracy(where, a, f"{name}.accuracies entry") for a in accs]
+        if counted and "failures" not in entry:
+            raise invalid(where, f"evaluation.count_failures is set but {name}.failures is missing")
+        if "failures" in entry:
+            fails = req_list(where, entry["failures"], f"{name}.failures", length=len(accs))
+            for f in fails:
+                req_int(where, f, f"{name}.failures entry", lo=0, hi=n_test)
+        stats = ("mean", "std", "min", "max")
+        if not values:
+            present = [k for k in stats if k in entry]
+            if present:
+                raise invalid(where, f"{name} has {present[0]} but no accuracies")
+            continue
+        expected = summarize_accuracies(values)
+        for k in stats:
+            v = req_float(where, entry.get(k), f"{name}.{k}", lo=0.0, hi=1.0)
+            if abs(v - expected[k]) > _SUMMARY_TOL:
+                raise invalid(where, f"{name}.{k} is {v:g}, its accuracies give {expected[k]:g}")
+    timing = data.get("timing")
+    if timing is not None:
+        req_dict(where, timing, "timing")
+        if "seconds" in timing:
+            req_float(where, timing["seconds"], "timing.seconds", lo=0.0)
     return data
 
 
@@ -488,11 +563,11 @@ def _resume_state(path: Path | None, settings: dict[str, Any], overwrite: bool) 
         return fresh
     try:
         old = load_campaign(path)
-    except CheckpointError:
+    except CheckpointError as err:
         if overwrite:
             return fresh
         raise ConfigError(
-            f"{path} exists and is not a campaign result; pass overwrite to replace it"
+            f"{path} exists and is not a valid campaign result ({err}); pass overwrite to replace it"
         ) from None
     diff = [k for k in SETTINGS_KEYS if old.get(k) != settings[k]]
     if diff:

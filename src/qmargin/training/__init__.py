@@ -40,6 +40,7 @@ from qmargin.training.randbet import (
 from qmargin.training.trainer import (
     ProgressCallback,
     TrainingData,
+    TrainingDivergedError,
     TrainResult,
     epoch_permutation,
     evaluate_accuracy,
@@ -53,6 +54,7 @@ __all__ = [
     "resolve_defaults",
     "train",
     "TrainResult",
+    "TrainingDivergedError",
     "ProgressCallback",
     "TrainingData",
     "load_run",

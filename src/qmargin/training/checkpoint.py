@@ -42,6 +42,13 @@ from torch import Tensor, nn
 from qmargin.errors import CheckpointError, ConfigError
 from qmargin.files import lock_directory, write_json_atomic, write_safetensors_atomic
 from qmargin.training.config import TrainConfig
+from qmargin.training.validation import (
+    check_finite_tensors,
+    check_weights,
+    validate_metrics,
+    validate_run_meta,
+    validate_trainer_state,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -295,48 +302,54 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     restore_rng: bool = True,
+    epochs: int | None = None,
 ) -> TrainerState:
-    """Load model, optimizer, scheduler (and global RNG) state saved by :func:`save_checkpoint`."""
+    """Load model, optimizer, scheduler (and global RNG) state saved by :func:`save_checkpoint`.
+
+    Both files are validated before anything is loaded (:func:`validate_trainer_state`; the model
+    tensors by :func:`check_weights`: names, shapes, dtypes, finite; optimizer tensors finite; RNG
+    states ``uint8``); ``epochs`` (the run's configured epochs) bounds the stored epoch.
+    """
     run_dir = Path(run_dir)
     plain = read_json(run_dir / STATE_FILE)
     tensors, meta = load_tensors(run_dir / CHECKPOINT_FILE)
-    try:
-        epoch, step = int(plain["epoch"]), int(plain["global_step"])
-        if plain.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{run_dir / STATE_FILE}: unknown format {plain.get('format')!r}")
+    if isinstance(plain, dict):
+        epoch, step = plain.get("epoch"), plain.get("global_step")
         if meta.get("epoch") != str(epoch) or meta.get("global_step") != str(step):
             raise CheckpointError(
                 f"{run_dir}: {CHECKPOINT_FILE} (epoch {meta.get('epoch')}) and {STATE_FILE} (epoch {epoch}) "
                 "disagree; restart the run with force"
             )
-        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        _load_state_dict(model, model_sd, run_dir / CHECKPOINT_FILE)
-        optimizer_state_from_flat(
-            optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")}, plain["optimizer"]
-        )
+    validate_trainer_state(run_dir / STATE_FILE, plain, epochs=epochs, state_format=STATE_FORMAT)
+    epoch, step = plain["epoch"], plain["global_step"]
+    ckpt = run_dir / CHECKPOINT_FILE
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim_sd = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    rng_sd = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    check_weights(ckpt, model_sd, model.state_dict())
+    check_finite_tensors(ckpt, optim_sd)
+    for k, v in rng_sd.items():
+        if v.dtype != torch.uint8 or v.dim() != 1:
+            raise CheckpointError(f"{ckpt}: RNG state {k!r} is not a 1-d uint8 tensor")
+    try:
+        model.load_state_dict(model_sd, strict=True)
+        optimizer_state_from_flat(optimizer, optim_sd, plain["optimizer"])
         sched = dict(plain["scheduler"])
         sched["lr_lambdas"] = [None] * len(scheduler.state_dict().get("lr_lambdas", []))
         scheduler.load_state_dict(sched)
         if restore_rng:
-            set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, plain["rng"])
+            set_rng_state(rng_sd, plain["rng"])
         return TrainerState(epoch, step, list(plain["history"]))
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{run_dir}: incomplete or corrupt training checkpoint ({detail})") from None
 
 
 def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
-        raise CheckpointError(f"{path}: state dict does not fit the model ({what})")
-    for k, v in sd.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+    """Load ``sd`` into ``model`` after :func:`check_weights` (names, shapes, dtypes, finite values)."""
+    check_weights(path, sd, model.state_dict())
     model.load_state_dict(sd, strict=True)
 
 
@@ -351,9 +364,7 @@ def read_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a qmargin run config (no 'config' entry)")
     try:
         config = TrainConfig.from_dict(data["config"])
-        meta = {k: v for k, v in data.items() if k != "config"}
-        meta["input_shape"] = tuple(int(s) for s in meta["input_shape"])
-        meta["num_classes"] = int(meta["num_classes"])
+        meta = validate_run_meta(path, {k: v for k, v in data.items() if k != "config"})
     except ConfigError as err:
         raise CheckpointError(f"{path}: invalid config ({err})") from None
     except (KeyError, TypeError, ValueError) as err:
@@ -377,7 +388,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[n
         hint = " (training not finished: resume it)" if (run_dir / STATE_FILE).is_file() else ""
         raise CheckpointError(f"{run_dir / MODEL_FILE}: missing{hint}")
     tensors, _ = load_tensors(run_dir / MODEL_FILE)
-    metrics = read_json(run_dir / METRICS_FILE)
+    metrics = validate_metrics(run_dir / METRICS_FILE, read_json(run_dir / METRICS_FILE))
     try:
         model = make_model(config, meta["input_shape"], meta["num_classes"])
     except ConfigError as err:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import qmargin
-from qmargin.errors import CheckpointError, ConfigError, DataError
+from qmargin.errors import ConfigError, DataError
 from qmargin.models.protocols import HasAuxiliaryLoss
 from qmargin.quant import export_integer_state
 from qmargin.training.checkpoint import (
@@ -64,6 +64,7 @@ __all__ = [
     "seed_everything",
     "epoch_permutation",
     "RUN_FILES",
+    "TrainingDivergedError",
 ]
 
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, INTEGER_FILE, METRICS_FILE, CHECKPOINT_FILE, STATE_FILE)
@@ -233,6 +234,52 @@ def _tensors(dataset: TrainingData, device: torch.device) -> tuple[Tensor, Tenso
     return x_tr.to(device), y_tr.long().to(device), x_te.to(device), y_te.long().to(device)
 
 
+class TrainingDivergedError(ConfigError):
+    """Training produced a non-finite loss, weight or optimizer state (a learning rate too large, ...).
+
+    Raised before the epoch is checkpointed: the run directory keeps the last finite epoch."""
+
+
+def _first_non_finite(tensors: dict[str, Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _check_not_diverged(
+    run_dir: Path, epoch: int, record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Raise :class:`TrainingDivergedError` when the epoch's loss, the weights (state dict) or the
+    optimizer state are not finite, naming what and where the run stands."""
+    what = None
+    for key in ("train_loss", "train_loss_err"):
+        if key in record and not math.isfinite(record[key]):
+            what = f"the training loss is {record[key]}"
+            break
+    if what is None:
+        bad = _first_non_finite(dict(model.state_dict()))
+        if bad is not None:
+            what = f"weight {bad!r} is not finite"
+    if what is None:
+        for i, st in enumerate(optimizer.state.values()):
+            bad = _first_non_finite({k: v for k, v in st.items() if isinstance(v, Tensor)})
+            if bad is not None:
+                what = f"optimizer state {bad!r} of parameter {i} is not finite"
+                break
+    if what is None:
+        return
+    kept = (
+        f"{run_dir} keeps the checkpoint of epoch {epoch - 1}"
+        if epoch > 1 and (run_dir / STATE_FILE).is_file()
+        else f"nothing was checkpointed in {run_dir}"
+    )
+    raise TrainingDivergedError(
+        f"training diverged in epoch {epoch} ({what}); {kept}. Lower the learning rate "
+        "(--lr) and train again with --force or into another directory"
+    )
+
+
 def _remove_run_files(run_dir: Path) -> None:
     for name in RUN_FILES + DERIVED_FILES:  # results of the old weights go with them
         (run_dir / name).unlink(missing_ok=True)
@@ -321,7 +368,9 @@ def train(
         for key in ("input_shape", "num_classes", "num_train", "num_test"):
             if key in stored_meta and list(np.atleast_1d(stored_meta[key])) != list(np.atleast_1d(meta[key])):
                 raise ConfigError(f"{run_dir}: the dataset differs from the one the run started with ({key})")
-        state = load_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(
+            run_dir, model=model, optimizer=optimizer, scheduler=scheduler, epochs=cfg.epochs
+        )
     elif has_ckpt:
         _remove_run_files(run_dir)
     resumed_epoch = state.epoch
@@ -391,8 +440,7 @@ def train(
         }
         if randbet is not None:
             record["train_loss_err"] = float(loss_err_sum) / seen
-        if not math.isfinite(record["train_loss"]):
-            record["diverged"] = True
+        _check_not_diverged(run_dir, epoch, record, model, optimizer)
         state.history.append(record)
         state.epoch = epoch
         save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
@@ -436,13 +484,10 @@ def _finish(
 
 
 def _stored_result(run_dir: Path, device: torch.device) -> TrainResult:
-    model, cfg, metrics = load_run(run_dir, device=device)
-    if not isinstance(metrics, dict) or "history" not in metrics:
-        raise CheckpointError(f"{run_dir / METRICS_FILE}: not a qmargin metrics file")
+    model, cfg, metrics = load_run(run_dir, device=device)  # metrics validated by load_run
     return TrainResult(
         run_dir=run_dir, config=cfg, model=model, history=list(metrics["history"]),
-        test_acc=float(metrics.get("test_acc", float("nan"))),
-        train_time_s=float(metrics.get("train_time_s", 0.0)),
+        test_acc=float(metrics["test_acc"]),
+        train_time_s=float(metrics["train_time_s"]),
         metrics=metrics, resumed_epoch=int(metrics.get("resumed_epoch", 0)), skipped=True,
     )
-
