@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks_md import machine_description, write_section
 from qmargin.experiments import run_ber_campaign
 from qmargin.models import resnet20
 from qmargin.quant import QuantSpec, freeze_model, quantize_model
@@ -140,8 +140,7 @@ def main() -> None:
             ("MRFI: one pattern (a pass with weight injection)", fi, fi / fclean),
         ]
 
-    cpu = platform.processor() or platform.machine()  # lscpu names the model on Linux
-    machine = f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    machine = machine_description()
     lines = [
         "## Campaign cost per pattern vs a clean pass (ResNet-20, with MRFI)",
         "",
@@ -156,8 +155,6 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        from benchmarks_md import write_section
-
         write_section(text, Path(__file__).resolve().parents[1] / "BENCHMARKS.md", lines[0])
 
 

@@ -18,3 +18,21 @@ def write_section(text: str, path: Path, section: str) -> None:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
     write_text_atomic(path, new)
+
+
+def machine_description() -> str:
+    """CPU model (``/proc/cpuinfo``, else ``platform``), logical CPUs, torch version and threads."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
