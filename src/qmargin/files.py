@@ -31,6 +31,8 @@ Imports nothing of qmargin, so any package may import it (docs/architecture.md).
   :func:`write_json_atomic`, :func:`write_safetensors_atomic` - one-call forms.
 * :func:`check_output`, :func:`check_outputs` - refuse outputs that would destroy something.
 * :func:`lock_directory`, :func:`lock_output`, :func:`holds_lock` - one writer per run directory.
+* :func:`sigint_deferred` - a group of writes that must land together (a training checkpoint's
+  tensors and its state) is not cut in two by Ctrl-C: the interrupt is delivered after the group.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import inspect
 import itertools
 import json
 import os
+import signal
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import IO, Any, ParamSpec, TypeVar
 
 __all__ = [
+    "sigint_deferred",
     "atomic_path",
     "atomic_open",
     "write_text_atomic",
@@ -459,3 +463,32 @@ def holds_lock(
         return locked
 
     return decorate
+
+
+# -- interrupts ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) for the body; one that arrived meanwhile is raised right after it.
+
+    For a group of atomic writes that only make sense together (``checkpoint.safetensors`` and
+    ``trainer_state.json`` carry one epoch token): each file is atomic on its own, and this keeps an
+    interrupt from landing between them. Outside the main thread (where signal handlers cannot be
+    set), or when SIGINT is not handled by Python's default handler, the body runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -8,7 +8,6 @@ imported inside the commands: importing them loads torch or matplotlib (1-2 s), 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from qmargin.cli import options as opt
 from qmargin.errors import ConfigError
 from qmargin.files import check_output, check_outputs, lock_output
 from qmargin.files import write_json_atomic as atomic_write_json
@@ -36,43 +36,18 @@ app.add_typer(reproduce_app, name="reproduce")
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
+# -- option values ------------------------------------------------------------------------------
+# The library's names (qmargin.training.config, qmargin.experiments.mcel / mondeq) are not imported
+# here (they load torch); tests/test_hardening_flags.py checks that these lists equal them.
+DEFAULT_BERS = (0.0, 0.001, 0.01, 0.05)
+QUANT = opt.Choice("sym", "asym")
+OPTIMIZER = opt.Choice("adam", "sgd")
+SCHEDULE = opt.Choice("none", "cosine", "step")
+MCEL_PRESETS = ("fast", "full", "fashion", "cifar10")
+MONDEQ_PRESETS = ("fast", "full")
+
+
 # -- parsing helpers ----------------------------------------------------------------------------
-
-
-def parse_float_list(
-    text: str, what: str, *, lo: float | None = None, hi: float | None = None
-) -> list[float]:
-    """``"0,1e-3,0.01"`` -> ``[0.0, 0.001, 0.01]``, each checked against ``[lo, hi]``."""
-    values: list[float] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise ConfigError(f"{what}: {part!r} is not a number") from None
-        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ConfigError(f"{what} must be in [{lo}, {hi}], got {part}")
-        values.append(v)
-    if not values:
-        raise ConfigError(f"{what}: give at least one value")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{what}: duplicate values in {text!r}")
-    return values
-
-
-def parse_bers(text: str) -> list[float]:
-    return parse_float_list(text, "--ber (bit error rate)", lo=0.0, hi=1.0)
-
-
-def parse_int_list(text: str, what: str, *, lo: int, hi: int) -> list[int]:
-    out = []
-    for v in parse_float_list(text, what, lo=lo, hi=hi):
-        if v != int(v):
-            raise ConfigError(f"{what}: {v} is not an integer")
-        out.append(int(v))
-    return out
 
 
 def _logger(quiet: bool):
@@ -89,13 +64,20 @@ def _progress_enabled(quiet: bool) -> bool:
 
 @app.command()
 def demo(
-    bits: Annotated[int, typer.Option(help="Weight bits of the quantized MLP (1..8).")] = 4,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per loss.")] = 30,
+    bits: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, 8), help="Weight bits of the quantized MLP (1..8).")
+    ] = 4,
+    epochs: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, opt.MAX_EPOCHS), help="Training epochs per loss.")
+    ] = 30,
     ber: Annotated[
-        str, typer.Option(help="Comma-separated bit error rates in [0, 1].")
-    ] = "0,0.001,0.01,0.05",
-    repeats: Annotated[int, typer.Option(min=1, help="Seeded error patterns per BER.")] = 10,
-    seed: Annotated[int, typer.Option(min=0, help="Training seed (patterns use 100, 101, ...).")] = 0,
+        opt.Floats,
+        typer.Option(click_type=opt.Reals(0.0, 1.0), help="Comma-separated bit error rates in [0, 1]."),
+    ] = DEFAULT_BERS,
+    repeats: Annotated[int, typer.Option(click_type=opt.REPEATS, help="Seeded error patterns per BER.")] = 10,
+    seed: Annotated[
+        int, typer.Option(click_type=opt.SEED, help="Training seed (patterns use 100, 101, ...).")
+    ] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Directory for the runs and results (default: a temp dir).")
     ] = None,
@@ -103,9 +85,7 @@ def demo(
 ) -> None:
     """Train a 4-bit MLP on the built-in digits with CE and MCEL, stress it with bit errors, and
     certify a small MonDEQ across bit widths."""
-    bers = parse_bers(ber)
-    if not 1 <= bits <= 8:
-        raise ConfigError(f"--bits must be in 1..8, got {bits}")
+    bers = list(ber)
     from qmargin.experiments.demo import run_demo  # lazy: torch (see the module docstring)
     from qmargin.report import compare_table  # lazy: matplotlib
 
@@ -137,47 +117,91 @@ def demo(
 def train(
     out: Annotated[Path, typer.Option(help="Run directory (config, checkpoints, metrics).")],
     dataset: Annotated[
-        str, typer.Option(help="digits | mnist5k | mnist | fashion-mnist | cifar10")
+        str, typer.Option(click_type=opt.NAME, help="digits | mnist5k | mnist | fashion-mnist | cifar10")
     ] = "digits",
-    model: Annotated[str, typer.Option(help="mlp | vgg3 | vgg7 | resnet20 | mondeq")] = "mlp",
-    bits: Annotated[int, typer.Option(help="Weight bits 1..8, or 32 for a float model.")] = 8,
-    quant: Annotated[str, typer.Option(help="sym (two's complement) | asym (unsigned + zero point)")] = "sym",
+    model: Annotated[
+        str, typer.Option(click_type=opt.NAME, help="mlp | vgg3 | vgg7 | resnet20 | mondeq")
+    ] = "mlp",
+    bits: Annotated[
+        int,
+        typer.Option(
+            click_type=opt.Integer(1, 8, also=(32,)), help="Weight bits 1..8, or 32 for a float model."
+        ),
+    ] = 8,
+    quant: Annotated[
+        str, typer.Option(click_type=QUANT, help="sym (two's complement) | asym (unsigned + zero point)")
+    ] = "sym",
     per_channel: Annotated[
         bool, typer.Option("--per-channel/--per-tensor", help="Scale per output channel.")
     ] = False,
-    loss: Annotated[str, typer.Option(help="ce | mcel | mhl (or a loss registered in Python)")] = "ce",
-    margin: Annotated[float | None, typer.Option(help="MCEL margin M (default: from the ablation).")] = None,
-    bound: Annotated[
-        float | None, typer.Option(help="MCEL soft-clamp bound T (default: from the ablation).")
+    loss: Annotated[
+        str, typer.Option(click_type=opt.NAME, help="ce | mcel | mhl (or a loss registered in Python)")
+    ] = "ce",
+    margin: Annotated[
+        float | None,
+        typer.Option(click_type=opt.Real(0.0), help="MCEL margin M (default: from the ablation)."),
     ] = None,
-    logit_scale: Annotated[float | None, typer.Option(help="MCEL fixed logit scale s.")] = None,
-    hinge_b: Annotated[float | None, typer.Option(help="MHL hinge b.")] = None,
+    bound: Annotated[
+        float | None,
+        typer.Option(
+            click_type=opt.Real(0.0, lo_open=True, allow_inf=True),
+            help="MCEL soft-clamp bound T (default: from the ablation; inf: no clamp).",
+        ),
+    ] = None,
+    logit_scale: Annotated[
+        float | None, typer.Option(click_type=opt.Real(0.0, lo_open=True), help="MCEL fixed logit scale s.")
+    ] = None,
+    hinge_b: Annotated[
+        float | None, typer.Option(click_type=opt.Real(0.0, lo_open=True), help="MHL hinge b.")
+    ] = None,
     label_smoothing: Annotated[
-        float | None, typer.Option(help="CE / MCEL label smoothing in [0, 1).")
+        float | None,
+        typer.Option(
+            click_type=opt.Real(0.0, 1.0, hi_open=True),
+            help="CE / MCEL label smoothing in [0, 1).",
+        ),
     ] = None,
     loss_arg: Annotated[
         list[str] | None,
-        typer.Option(help="A loss option key=value (value read as JSON, else as text); repeatable."),
+        typer.Option(
+            click_type=opt.KeyValue(),
+            help="A loss option key=value (value read as JSON, else as text); repeatable.",
+        ),
     ] = None,
     train_ber: Annotated[
-        float, typer.Option(help="RandBET: train with bit errors at this BER (0: off).")
+        float,
+        typer.Option(
+            click_type=opt.Real(0.0, 0.5),
+            help="RandBET: train with bit errors at this BER (0: off).",
+        ),
     ] = 0.0,
-    w_max: Annotated[float | None, typer.Option(help="Weight clipping to [-w_max, w_max].")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    optimizer: Annotated[str, typer.Option(help="adam | sgd")] = "adam",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
-    schedule: Annotated[str, typer.Option(help="none | cosine | step")] = "none",
-    seed: Annotated[int, typer.Option(help="Seed of everything random in training.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    w_max: Annotated[
+        float | None,
+        typer.Option(click_type=opt.Real(0.0, lo_open=True), help="Weight clipping to [-w_max, w_max]."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(click_type=opt.Integer(1, opt.MAX_EPOCHS), help="Epochs.")] = 10,
+    batch_size: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, opt.MAX_BATCH), help="Mini-batch size.")
+    ] = 128,
+    lr: Annotated[float, typer.Option(click_type=opt.Real(0.0, lo_open=True), help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(click_type=OPTIMIZER, help="adam | sgd")] = "adam",
+    weight_decay: Annotated[float, typer.Option(click_type=opt.Real(0.0), help="Weight decay.")] = 0.0,
+    schedule: Annotated[str, typer.Option(click_type=SCHEDULE, help="none | cosine | step")] = "none",
+    seed: Annotated[
+        int, typer.Option(click_type=opt.SEED, help="Seed of everything random in training.")
+    ] = 0,
+    device: Annotated[str, typer.Option(click_type=opt.TRAIN_DEVICE, help="auto | cpu | cuda")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
     download: Annotated[bool, typer.Option(help="Download missing dataset files (checksummed).")] = False,
     certify: Annotated[
         bool, typer.Option(help="MonDEQ: certified (margin-aware) quantization-aware training.")
     ] = False,
     hidden: Annotated[
-        int | None, typer.Option(help="Hidden width (MLP: both layers, VGG: classifier, MonDEQ: n).")
+        int | None,
+        typer.Option(
+            click_type=opt.Integer(1, opt.MAX_WIDTH),
+            help="Hidden width (MLP: both layers, VGG: classifier, MonDEQ: n).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Discard what the run directory holds and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -314,37 +338,54 @@ class _TrainProgress(_RichProgress):
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory written by 'qmargin train'.")],
     ber: Annotated[
-        str, typer.Option(help="Comma-separated bit error rates in [0, 1].")
-    ] = "0,0.001,0.01,0.05",
-    repeats: Annotated[int, typer.Option(min=1, help="Seeded error patterns per BER.")] = 20,
-    seed: Annotated[int, typer.Option(min=0, help="Base seed: pattern r uses seed + r (paired).")] = 100,
+        opt.Floats,
+        typer.Option(click_type=opt.Reals(0.0, 1.0), help="Comma-separated bit error rates in [0, 1]."),
+    ] = DEFAULT_BERS,
+    repeats: Annotated[int, typer.Option(click_type=opt.REPEATS, help="Seeded error patterns per BER.")] = 20,
+    seed: Annotated[
+        int, typer.Option(click_type=opt.SEED, help="Base seed: pattern r uses seed + r (paired).")
+    ] = 100,
     out: Annotated[
         Path | None, typer.Option(help="Result JSON (CSV beside it). Default: RUN/ber.json")
     ] = None,
     protected_bits: Annotated[
-        str | None, typer.Option(help="Bit positions that never flip, e.g. 7 (bit 0 = LSB).")
+        opt.Ints | None,
+        typer.Option(
+            click_type=opt.Integers(0, 7),
+            help="Bit positions that never flip, e.g. 7 (bit 0 = LSB).",
+        ),
     ] = None,
-    layers: Annotated[str, typer.Option(help="Comma-separated glob patterns of layers to hit.")] = "*",
+    layers: Annotated[
+        str, typer.Option(click_type=opt.Text(), help="Comma-separated glob patterns of layers to hit.")
+    ] = "*",
     include_bias: Annotated[bool, typer.Option(help="Also hit biases stored as codes.")] = False,
     bits: Annotated[
         int | None,
-        typer.Option(help="Float runs only: post-training quantize to these bits first (default 8)."),
+        typer.Option(
+            click_type=opt.Integer(1, 8),
+            help="Float runs only: post-training quantize to these bits first (default 8).",
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    batch_size: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, opt.MAX_BATCH), help="Test samples per forward pass.")
+    ] = 1024,
     patterns_per_pass: Annotated[
-        int, typer.Option(min=1, help="Evaluate K error patterns in one vmapped pass (pays off for MLPs).")
+        int,
+        typer.Option(
+            click_type=opt.REPEATS,
+            help="Evaluate K error patterns in one vmapped pass (pays off for MLPs).",
+        ),
     ] = 1,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(click_type=opt.DEVICE, help="auto | cpu | cuda[:N]")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a result file with other settings.")] = False,
     plot: Annotated[bool, typer.Option(help="Also write a PNG plot beside the JSON.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Accuracy under random bit errors: BER grid x seeded patterns (resumable)."""
-    bers = parse_bers(ber)
-    protected = (
-        tuple(parse_int_list(protected_bits, "--protected-bits", lo=0, hi=7)) if protected_bits else ()
-    )
+    bers = list(ber)
+    protected = tuple(protected_bits or ())
+    opt.check_seed_span(seed, repeats)
     out = out or run / "ber.json"
     from qmargin.experiments.evaluate import evaluate_run, run_input_files  # lazy: torch
     from qmargin.report import ber_table, plot_accuracy_vs_ber  # lazy: matplotlib
@@ -417,7 +458,8 @@ def compare(
         Path | None, typer.Option(help="Plot PNG (default: compare.png in the current directory).")
     ] = None,
     labels: Annotated[
-        str | None, typer.Option(help="Comma-separated labels (default: directory names).")
+        str | None,
+        typer.Option(click_type=opt.Text(), help="Comma-separated labels (default: directory names)."),
     ] = None,
     markdown: Annotated[bool, typer.Option(help="Print a markdown table instead of a rich table.")] = False,
 ) -> None:
@@ -453,23 +495,32 @@ def certify(
         Path, typer.Argument(help="MonDEQ run directory, or a .pt state dict (2020 / 2026 format).")
     ],
     bits: Annotated[
-        str, typer.Option(help="Comma-separated bit widths 2..8 (up to 16 for W as a study).")
-    ] = "3,4,5,6,8",
+        opt.Ints,
+        typer.Option(
+            click_type=opt.Integers(1, 16),
+            help="Comma-separated bit widths 2..8 (up to 16 for W as a study)."
+        ),
+    ] = (3, 4, 5, 6, 8),
     per_channel: Annotated[
         bool, typer.Option("--per-channel/--per-tensor", help="Per-row scales for W.")
     ] = False,
     out: Annotated[Path | None, typer.Option(help="Write the certificates as JSON.")] = None,
     m: Annotated[
-        float | None, typer.Option(help="m of a 2020-format checkpoint (a constructor argument there).")
+        float | None,
+        typer.Option(
+            click_type=opt.Real(0.0, lo_open=True),
+            help="m > 0 of a 2020-format checkpoint (a constructor argument there).",
+        ),
     ] = None,
     ber: Annotated[
-        float | None, typer.Option(help="Also certify under random bit errors at this BER.")
+        float | None,
+        typer.Option(click_type=opt.BER, help="Also certify under random bit errors at this BER."),
     ] = None,
-    patterns: Annotated[int, typer.Option(min=1, help="Error patterns for --ber.")] = 100,
+    patterns: Annotated[int, typer.Option(click_type=opt.PATTERNS, help="Error patterns for --ber.")] = 100,
     seed: Annotated[
         int,
         typer.Option(
-            min=0,
+            click_type=opt.SEED,
             help="Base seed of the --ber patterns: pattern r flips the bits 'qmargin evaluate --seed SEED' "
             "flips in its pattern r (same codes, paired).",
         ),
@@ -481,9 +532,9 @@ def certify(
     --seed (the stored W of the MonDEQ core, seed SEED + r), so certified shares and campaign
     accuracies refer to the same corrupted codes.
     """
-    bit_list = parse_int_list(bits, "--bits", lo=1, hi=16)
-    if ber is not None and not 0.0 <= ber <= 1.0:
-        raise ConfigError(f"--ber must be in [0, 1], got {ber}")
+    bit_list = list(bits)
+    if ber is not None:
+        opt.check_seed_span(seed, patterns, count_flag="--patterns")
     from qmargin.experiments.certify import certify_checkpoint  # lazy: torch
     from qmargin.experiments.evaluate import run_input_files  # lazy: torch
     from qmargin.report.certificates import certificate_table  # lazy: matplotlib (qmargin.report)
@@ -507,7 +558,11 @@ def certify(
 @reproduce_app.command("mcel")
 def reproduce_mcel(
     preset: Annotated[
-        str, typer.Option(help="fast (mnist5k, minutes on CPU) | full | fashion | cifar10")
+        str,
+        typer.Option(
+            click_type=opt.Choice(*MCEL_PRESETS),
+            help="fast (mnist5k, minutes on CPU) | full | fashion | cifar10"
+        ),
     ] = "fast",
     out: Annotated[Path, typer.Option(help="Output directory (runs, results, plots).")] = Path(
         "runs/reproduce-mcel"
@@ -534,16 +589,20 @@ def reproduce_mcel(
 @reproduce_app.command("mcel-ablation")
 def reproduce_mcel_ablation(
     out: Annotated[Path, typer.Option(help="Output directory (runs, results).")] = Path("runs/mcel-ablation"),
-    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    repeats: Annotated[int, typer.Option(min=1, help="Error patterns per BER.")] = 20,
+    seeds: Annotated[
+        opt.Ints, typer.Option(click_type=opt.Integers(0, 2**31 - 1), help="Comma-separated training seeds.")
+    ] = (0, 1, 2),
+    epochs: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, opt.MAX_EPOCHS), help="Epochs per run.")
+    ] = 30,
+    repeats: Annotated[int, typer.Option(click_type=opt.REPEATS, help="Error patterns per BER.")] = 20,
     results_dir: Annotated[
         Path | None, typer.Option(help="Also write the table here (docs/results).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Grid over MCEL's bound T, margin M and a fixed logit scale s at 2 and 4 bits (sets the defaults)."""
-    seed_list = parse_int_list(seeds, "--seeds", lo=0, hi=2**31 - 1)
+    seed_list = list(seeds)
     from qmargin.experiments.ablation import run_mcel_ablation  # lazy: torch
 
     log = _logger(quiet)
@@ -555,7 +614,7 @@ def reproduce_mcel_ablation(
 
 @reproduce_app.command("mondeq")
 def reproduce_mondeq(
-    preset: Annotated[str, typer.Option(help="fast | full")] = "fast",
+    preset: Annotated[str, typer.Option(click_type=opt.Choice(*MONDEQ_PRESETS), help="fast | full")] = "fast",
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/reproduce-mondeq"),
     results_dir: Annotated[
         Path | None, typer.Option(help="Also write tables and plots here (docs/results).")

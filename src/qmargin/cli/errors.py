@@ -4,7 +4,9 @@ User errors (:class:`qmargin.errors.UserError`), usage errors, and every ``OSErr
 system, a full disk, permission denied, a parent that is a file, an output that
 :func:`qmargin.files.check_output` refuses, a run directory another process holds) become
 ``qmargin: error: <one line>`` and exit status 2. A blank path given to any path option or
-argument (``--out ""``) is a usage error, for every command (:func:`refuse_blank_paths`).
+argument (``--out ""``) is a usage error, for every command (:func:`refuse_blank_paths`). Flag values
+are checked while they are parsed (``qmargin.cli.options``). Ctrl-C is one line and exit status 130
+(``qmargin.cli.interrupts``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import click
 
+from qmargin.cli.interrupts import EXIT_INTERRUPTED, InterruptError, catch_interrupts, set_command_line
 from qmargin.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -69,6 +72,8 @@ def refuse_blank_paths(command: click.Command) -> click.Command:
 def run_guarded(command: click.Command, argv: list[str] | None) -> int:
     """Run a click command so that usage and user errors are one line and exit 2."""
     refuse_blank_paths(command)
+    catch_interrupts(command)
+    set_command_line(argv)
     try:
         rv = command.main(args=argv, prog_name="qmargin", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
@@ -81,14 +86,12 @@ def run_guarded(command: click.Command, argv: list[str] | None) -> int:
         fail(str(e))
     except OSError as e:  # read-only or full file system, permission denied, a refused output, a lock
         fail(os_error_line(e))
-    except click.exceptions.Abort:
-        print("qmargin: interrupted", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(
-            "qmargin: interrupted (finished work is saved; rerun the same command to resume)", file=sys.stderr
-        )
-        return 130
+    except InterruptError as e:  # Ctrl-C in a command: what was saved and how to continue
+        print(f"qmargin: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C while the flags are parsed
+        print("qmargin: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except click.ClickException as e:
         fail(e.format_message())
     return rv if isinstance(rv, int) else 0

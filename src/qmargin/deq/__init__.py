@@ -48,6 +48,7 @@ from qmargin.deq.monotone import (
     MonotoneMultiConv,
     MonotoneParameterization,
     assemble_fc_W,
+    check_m,
 )
 from qmargin.deq.operators import ConvOperator, DenseOperator, Operator
 from qmargin.deq.solvers import (
@@ -102,6 +103,7 @@ __all__ = [
     "implicit_equilibrium",
     "MonDEQClassifier",
     "read_state_dict",
+    "check_m",
     "detect_format",
     "load_reference_2020",
     "load_companion_2026",

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from qmargin.deq.certificates import as_operator, check_same_form, monotonicity_margin, spectral_norm
-from qmargin.faults.functional import derive_seed, flip_random_bits
+from qmargin.errors import ConfigError
+from qmargin.faults.functional import check_seed, derive_seed, flip_random_bits
 from qmargin.quant import QuantSpec, dequantize
 from qmargin.quant.codes import (
     bit_differences,
@@ -416,9 +417,11 @@ def certify_under_bit_errors(
     Weyl) and *monotone* when the exact ``mu(W~_err) > 0``; certified implies monotone.
     """
     if not 0.0 <= float(ber) <= 1.0:
-        raise ValueError(f"ber must be in [0, 1], got {ber}")
-    if n_patterns < 1:
-        raise ValueError(f"n_patterns must be >= 1, got {n_patterns}")
+        raise ConfigError(f"ber must be in [0, 1], got {ber}")
+    if isinstance(n_patterns, bool) or not isinstance(n_patterns, int) or n_patterns < 1:
+        raise ConfigError(f"n_patterns must be an integer >= 1, got {n_patterns!r}")
+    check_seed(seed, "seed")  # pattern i uses seed + i: all of them, before any work
+    check_seed(seed + n_patterns - 1, f"seed + n_patterns - 1 (seed {seed}, {n_patterns} patterns)")
     Wq = as_operator(W_q, "W_q")
     if assemble is None and tuple(codes.shape) != tuple(Wq.shape):
         raise ValueError(

@@ -52,10 +52,12 @@ from qmargin.deq.operators import (
     polyphase_to_tiers,
     tiers_to_polyphase,
 )
+from qmargin.errors import ConfigError
 from qmargin.quant import QuantizedTensors, QuantSpec
 
 __all__ = [
     "M_EPS",
+    "check_m",
     "softplus_inverse",
     "MonotoneParameterization",
     "MonotoneLinear",
@@ -66,6 +68,21 @@ __all__ = [
 
 M_EPS = 1e-4
 """``m = softplus(m_raw) + M_EPS`` for a learnable ``m``."""
+
+
+def check_m(m: object) -> float:
+    """``m`` as a float if it is a finite number ``> 0``, else :class:`~qmargin.errors.ConfigError`.
+
+    (``mu(W) >= m`` is the whole point of the parameterization: ``m = inf`` gives ``W = -inf I``,
+    ``m <= 0`` or NaN no monotone operator.)
+    """
+    try:
+        value = float(m)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"the monotonicity parameter m must be a number > 0, got {m!r}") from None
+    if isinstance(m, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"the monotonicity parameter m must be a finite number > 0, got {m!r}")
+    return value
 
 
 def softplus_inverse(y: float) -> float:
@@ -121,8 +138,7 @@ class MonotoneParameterization(QuantizedTensors):
         factory: _Factory,
     ) -> None:
         super().__init__()
-        if not m > 0:
-            raise ValueError(f"the monotonicity parameter m must be > 0, got {m}")
+        m = check_m(m)
         self.learn_m = learn_m
         if learn_m:
             raw = softplus_inverse(m - M_EPS) if m > M_EPS else -20.0

@@ -23,7 +23,7 @@ import torch
 
 from qmargin.deq import MonDEQClassifier, MonotoneLinear
 from qmargin.deq.bit_certificates import MONDEQ_LAYER
-from qmargin.errors import CheckpointError
+from qmargin.errors import CheckpointError, ConfigError
 
 __all__ = [
     "load_mondeq_for_certification",
@@ -36,11 +36,19 @@ __all__ = [
 def load_mondeq_for_certification(
     path: str | Path, *, m: float | None = None
 ) -> tuple[MonDEQClassifier, str]:
-    """``(classifier, source format)`` from a run directory or an imported ``.pt`` state dict."""
-    from qmargin.deq import load_mondeq_checkpoint
+    """``(classifier, source format)`` from a run directory or an imported ``.pt`` state dict.
+
+    ``m`` (a finite number > 0) is the constructor argument of a 2020-format checkpoint; given with a
+    run directory or a 2026-format file (which store their ``m``) it is a ``ConfigError``, not ignored.
+    """
+    from qmargin.deq import check_m, detect_format, load_mondeq_checkpoint, read_state_dict
 
     p = Path(path)
+    if m is not None:
+        m = check_m(m)
     if p.is_dir():
+        if m is not None:
+            raise ConfigError(f"{p}: a qmargin run stores its m; m (--m) is for 2020-format .pt checkpoints")
         from qmargin.training import load_run
 
         model, config, _ = load_run(p)
@@ -51,8 +59,12 @@ def load_mondeq_for_certification(
         return model, "qmargin run"
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or run directory")
-    model = load_mondeq_checkpoint(p, m=1.0 if m is None else m)
-    return model, "imported state dict"
+    if m is None:
+        return load_mondeq_checkpoint(p), "imported state dict"
+    state_dict = read_state_dict(p)
+    if detect_format(state_dict) == "companion2026":
+        raise ConfigError(f"{p}: a 2026-format checkpoint stores its m; m (--m) is for the 2020 format")
+    return load_mondeq_checkpoint(state_dict, m=m), "imported state dict"
 
 
 def certify_weights(

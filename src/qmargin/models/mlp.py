@@ -47,7 +47,7 @@ class MLP(nn.Sequential):
         check_specs(spec, bias_spec)
         check_num_classes(num_classes)
         hidden = tuple(hidden)
-        if in_features < 1 or any(int(h) < 1 for h in hidden):
+        if in_features < 1 or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(f"MLP widths must be positive, got in_features={in_features}, hidden={hidden}")
         make_activation(activation)  # validate the name before building anything
         widths = (in_features, *hidden, num_classes)

@@ -64,6 +64,11 @@ def build_mondeq(
 ) -> MonDEQNet:
     if certify and spec is None:
         raise ConfigError("--certify (margin-aware QAT) needs a quantized MonDEQ: set --bits to 1..8")
+    for name, value in (("n", n), ("r", r), ("max_iter", max_iter)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"MonDEQ {name} must be an integer >= 1, got {value!r}")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < float("inf"):
+        raise ConfigError(f"MonDEQ tol must be a finite number > 0, got {tol!r}")
     if solver not in ("pr", "fb", "dr"):
         raise ConfigError(f"MonDEQ solver must be pr, fb or dr, got {solver!r}")
     if m is None:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.errors import CheckpointError, ConfigError
-from qmargin.files import lock_directory, write_json_atomic, write_safetensors_atomic
+from qmargin.files import lock_directory, sigint_deferred, write_json_atomic, write_safetensors_atomic
 from qmargin.training.config import TrainConfig
 from qmargin.training.validation import (
     check_finite_tensors,
@@ -271,7 +271,8 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
 ) -> None:
-    """Write ``checkpoint.safetensors`` then ``trainer_state.json`` (each atomically)."""
+    """Write ``checkpoint.safetensors`` then ``trainer_state.json`` (each atomically; Ctrl-C is held
+    back until both are written, so the two always carry the same epoch token)."""
     run_dir = Path(run_dir)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_plain = optimizer_state_to_flat(optimizer)
@@ -279,20 +280,21 @@ def save_checkpoint(
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
     token = {"epoch": str(state.epoch), "global_step": str(state.global_step), "format": str(STATE_FORMAT)}
-    save_tensors(run_dir / CHECKPOINT_FILE, tensors, metadata=token)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    atomic_write_json(
-        run_dir / STATE_FILE,
-        {
-            "format": STATE_FORMAT,
-            "epoch": state.epoch,
-            "global_step": state.global_step,
-            "history": state.history,
-            "optimizer": opt_plain,
-            "scheduler": sched,
-            "rng": rng_plain,
-        },
-    )
+    with sigint_deferred():
+        save_tensors(run_dir / CHECKPOINT_FILE, tensors, metadata=token)
+        atomic_write_json(
+            run_dir / STATE_FILE,
+            {
+                "format": STATE_FORMAT,
+                "epoch": state.epoch,
+                "global_step": state.global_step,
+                "history": state.history,
+                "optimizer": opt_plain,
+                "scheduler": sched,
+                "rng": rng_plain,
+            },
+        )
 
 
 def load_checkpoint(

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from qmargin.errors import ConfigError
+from qmargin.faults.functional import check_seed
 from qmargin.losses import check_loss_kwargs, loss_defaults, loss_options
 
 __all__ = [
@@ -154,8 +155,7 @@ class TrainConfig:
         self._number("momentum", lo=0.0, hi=1.0, hi_open=True)
         self._number("weight_decay", lo=0.0)
         _choice("schedule", self.schedule, SCHEDULES)
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed, "seed")  # an integer in [0, 2**63): what the generators take
         _choice("device", self.device, DEVICES)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             self._set("data_dir", str(self.data_dir))

@@ -6,6 +6,7 @@ schedule, device. One place, shared by :func:`~qmargin.training.trainer.train` a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -93,10 +94,31 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(schedule, e, epochs))
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is a ``ConfigError``."""
-    if device == "auto":
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` as such.
+
+    Anything else (``foo``, ``gpu``, ``mps``, ``cuda:x``), CUDA without a GPU, or ``cuda:N`` beyond the
+    GPUs present is a :class:`~qmargin.errors.ConfigError` (one line), not torch's ``RuntimeError``.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    name = device.strip().lower()
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(device)
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::([0-9]+))?", name)
+    if match is None:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} requested but no CUDA GPU is available; use --device cpu or auto"
+        )
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
+    return torch.device(name)

@@ -1,0 +1,381 @@
+"""Checked option types of the ``qmargin`` command: every flag value is validated while it is parsed.
+
+A bad value (``nan``, ``inf``, ``-1`` where a count is expected, ``1e400``, ``abc``, an empty string,
+an unknown device, a seed the generator cannot take) is a click usage error, which the CLI prints as
+one line ``qmargin: error: Invalid value for '--flag': ...`` with exit status 2, before any file is
+read or written (:func:`qmargin.cli.errors.run_guarded`). The library checks the same values again
+where they enter it (``ConfigError``), so a Python caller gets the same refusal.
+
+How to declare an option
+------------------------
+Every option and argument of every command takes its type from this module (or is a ``Path``, or a
+boolean flag); ``tests/test_hardening_flags.py`` walks the command tree and fails on any parameter
+with a plain ``int``, ``float`` or ``str`` type, and feeds each declared type its invalid values.
+Pass the type as ``click_type`` to ``typer.Option`` / ``typer.Argument`` and keep the Python
+annotation that the type returns::
+
+    from qmargin.cli import options as opt
+
+    lr: Annotated[float, typer.Option(click_type=opt.Real(lo=0.0, lo_open=True), help="...")] = 1e-3
+    hidden: Annotated[int | None, typer.Option(click_type=opt.Integer(1, opt.MAX_WIDTH))] = None
+    seed: Annotated[int, typer.Option(click_type=opt.SEED)] = 0
+    repeats: Annotated[int, typer.Option(click_type=opt.REPEATS)] = 20
+    device: Annotated[str, typer.Option(click_type=opt.DEVICE)] = "auto"
+    metric: Annotated[str, typer.Option(click_type=opt.Choice("accuracy", "loss"))] = "accuracy"
+    model: Annotated[str, typer.Option(click_type=opt.NAME)] = "mlp"   # a registry name
+    ber: Annotated[Floats, typer.Option(click_type=opt.Reals(lo=0.0, hi=1.0))] = "0,0.01"  # -> list
+
+Types:
+
+* :class:`Real` ``(lo, hi, lo_open, hi_open, allow_inf)``: a finite float in the range (``nan`` always
+  refused; ``+inf`` only with ``allow_inf``, for "no limit" values);
+* :class:`Integer` ``(lo, hi)``: a base-10 integer (no ``1.5``, ``1e3``) in ``[lo, hi]``; every integer
+  option has an upper bound (``MAX_*`` below), so no value allocates or loops without limit;
+* :data:`SEED` (``[0, 2**63)``, what a seeded generator takes), :data:`REPEATS` / :data:`PATTERNS`
+  (``[1, MAX_REPEATS]``); a base seed plus its patterns must stay below ``2**63``: call
+  :func:`check_seed_span` in the command;
+* :class:`Device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; CUDA only when a GPU is there);
+* :class:`Choice` (a fixed list), :class:`Name` (a registry name, checked by the registry: non-blank,
+  no spaces), :class:`Text` (non-blank free text such as glob patterns);
+* :class:`Reals` / :class:`Integers`: comma-separated lists of the above (returned as lists);
+* :class:`KeyValue`: ``key=value`` (repeatable options).
+
+A new kind of value gets a new :class:`QmarginType` subclass here, with its invalid values in
+``invalid_examples`` (the flag test feeds them to every option of that type).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+__all__ = [
+    "QmarginType",
+    "Real",
+    "Integer",
+    "Seed",
+    "Device",
+    "Choice",
+    "Name",
+    "Text",
+    "Reals",
+    "Integers",
+    "KeyValue",
+    "Floats",
+    "Ints",
+    "SEED",
+    "SEED_LIMIT",
+    "REPEATS",
+    "PATTERNS",
+    "DEVICE",
+    "TRAIN_DEVICE",
+    "NAME",
+    "BER",
+    "MAX_REPEATS",
+    "MAX_EPOCHS",
+    "MAX_BATCH",
+    "MAX_WIDTH",
+    "check_seed_span",
+]
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in ``[0, SEED_LIMIT)`` (``qmargin.faults.functional.SEED_RANGE``; a test checks
+that the two agree: this module may not import torch)."""
+MAX_REPEATS = 100_000
+"""Most error patterns per BER (``--repeats``, ``--patterns``)."""
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 24
+MAX_WIDTH = 1 << 16
+"""Widest hidden layer ``--hidden`` builds."""
+
+Floats = Sequence[float]
+"""Annotation of a :class:`Reals` option (typer must not see ``list``: it would make it repeatable)."""
+Ints = Sequence[int]
+"""Annotation of an :class:`Integers` option."""
+
+
+def _fmt(x: float | int | None, *, low: bool) -> str:
+    if x is None:
+        return "-inf" if low else "inf"
+    return repr(x)
+
+
+class QmarginType(click.ParamType):
+    """Base of the checked types: ``parse(text) -> value`` raises ``ValueError`` with the reason."""
+
+    name = "value"
+
+    def parse(self, text: str) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def invalid_examples(self) -> list[str]:
+        """Values this type must refuse (fed to every option of the type by the flag test)."""
+        return ["", " "]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # a default that is already the value (not a string)
+            value = str(value) if not isinstance(value, list | tuple) else ",".join(map(str, value))
+        try:
+            return self.parse(value)
+        except ValueError as err:
+            self.fail(" ".join(str(err).split()), param, ctx)
+
+
+# -- numbers ------------------------------------------------------------------------------------
+
+
+class Real(QmarginType):
+    """A finite float in ``[lo, hi]`` (``(`` / ``)`` with ``lo_open`` / ``hi_open``); ``nan`` is never
+    accepted, ``+inf`` only with ``allow_inf`` (a value that means "no limit")."""
+
+    def __init__(
+        self,
+        lo: float | None = None,
+        hi: float | None = None,
+        *,
+        lo_open: bool = False,
+        hi_open: bool = False,
+        allow_inf: bool = False,
+    ) -> None:
+        self.lo, self.hi, self.lo_open, self.hi_open, self.allow_inf = lo, hi, lo_open, hi_open, allow_inf
+        self.name = f"real in {self.range_text()}"
+
+    def range_text(self) -> str:
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        return f"{left}{_fmt(self.lo, low=True)}, {_fmt(self.hi, low=False)}{right}"
+
+    def parse(self, text: str) -> float:
+        try:
+            v = float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if math.isnan(v) or (math.isinf(v) and not (self.allow_inf and v > 0)):
+            raise ValueError(f"{text.strip()} is not a finite number")
+        lo, hi = self.lo, self.hi
+        if lo is not None and (v <= lo if self.lo_open else v < lo):
+            raise ValueError(f"must be in {self.range_text()}, got {text.strip()}")
+        if hi is not None and (v >= hi if self.hi_open else v > hi):
+            raise ValueError(f"must be in {self.range_text()}, got {text.strip()}")
+        return v
+
+    def invalid_examples(self) -> list[str]:
+        bad = [*super().invalid_examples(), "nan", "-inf", "abc", "1e400" if not self.allow_inf else "-1e400"]
+        if not self.allow_inf:
+            bad.append("inf")
+        if self.lo is not None:
+            bad.append(repr(self.lo - max(1.0, abs(self.lo))))
+            if self.lo_open:
+                bad.append(repr(self.lo))
+        if self.hi is not None:
+            bad.append(repr(self.hi + max(1.0, abs(self.hi))))
+            if self.hi_open:
+                bad.append(repr(self.hi))
+        return bad
+
+
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+class Integer(QmarginType):
+    """A base-10 integer in ``[lo, hi]`` (and ``also``: single extra values, e.g. 32 float bits)."""
+
+    def __init__(self, lo: int, hi: int, *, also: Sequence[int] = ()) -> None:
+        self.lo, self.hi, self.also = lo, hi, tuple(also)
+        extra = "".join(f" or {a}" for a in self.also)
+        self.name = f"integer in [{lo}, {hi}]{extra}"
+
+    def parse(self, text: str) -> int:
+        t = text.strip().replace("_", "")
+        if not _INT.fullmatch(t):
+            raise ValueError(f"{text!r} is not an integer")
+        v = int(t)
+        if not (self.lo <= v <= self.hi or v in self.also):
+            raise ValueError(f"must be an {self.name}, got {t}")
+        return v
+
+    def invalid_examples(self) -> list[str]:
+        bad = [*super().invalid_examples(), "abc", "1.5", "nan", "inf", "1e3"]
+        bad += [str(self.lo - 1), str(self.hi + 1), str(10**30), str(-(10**30))]
+        return [b for b in bad if not (_INT.fullmatch(b) and int(b) in self.also)]
+
+
+class Seed(Integer):
+    """A seed: an integer in ``[0, 2**63)``."""
+
+    def __init__(self) -> None:
+        super().__init__(0, SEED_LIMIT - 1)
+        self.name = "seed in [0, 2**63)"
+
+    def parse(self, text: str) -> int:
+        t = text.strip().replace("_", "")
+        if not _INT.fullmatch(t):
+            raise ValueError(f"{text!r} is not an integer")
+        v = int(t)
+        if not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"a seed must be in [0, 2**63), got {t}")
+        return v
+
+
+def check_seed_span(
+    base_seed: int, count: int, seed_flag: str = "--seed", count_flag: str = "--repeats"
+) -> None:
+    """Patterns ``0..count-1`` use seeds ``base_seed + r``: the last must be below ``2**63``.
+
+    Raises a click usage error (one line, exit 2) naming both flags.
+    """
+    if base_seed + count > SEED_LIMIT:
+        raise click.UsageError(
+            f"{seed_flag} {base_seed} with {count_flag} {count} needs seeds up to {base_seed + count - 1}, "
+            f"beyond 2**63 - 1; use {seed_flag} <= {SEED_LIMIT - count}"
+        )
+
+
+# -- names and choices --------------------------------------------------------------------------
+
+
+class Device(QmarginType):
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (``indexed``); CUDA only when a GPU is available."""
+
+    def __init__(self, *, indexed: bool = True) -> None:
+        self.indexed = indexed
+        self.name = "auto|cpu|cuda" + ("[:N]" if indexed else "")
+
+    def parse(self, text: str) -> str:
+        t = text.strip().lower()
+        pattern = r"cuda(:[0-9]+)?" if self.indexed else "cuda"
+        if t not in ("auto", "cpu") and not re.fullmatch(pattern, t):
+            raise ValueError(f"{text!r} is not a device; use {self.name}")
+        if t.startswith("cuda"):
+            import torch  # lazy: only when a GPU is asked for (qmargin --help must not load torch)
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(t.split(":")[1]) if ":" in t else 0
+            if count == 0:
+                raise ValueError(f"{t}: no CUDA GPU is available; use --device cpu or auto")
+            if index >= count:
+                raise ValueError(f"{t}: there are {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+        return t
+
+    def invalid_examples(self) -> list[str]:
+        return [*super().invalid_examples(), "foo", "gpu", "cuda:x", "cuda:-1", "cpu:0", "cuda:99999"]
+
+
+class Choice(QmarginType):
+    """One of a fixed list of words (case-insensitive; returned as written in the list)."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = tuple(choices)
+        self.name = "|".join(self.choices)
+
+    def parse(self, text: str) -> str:
+        t = text.strip().lower()
+        for c in self.choices:
+            if c.lower() == t:
+                return c
+        raise ValueError(f"{text!r} is not one of {', '.join(self.choices)}")
+
+    def invalid_examples(self) -> list[str]:
+        return [*super().invalid_examples(), "no-such-choice", "nan", "-1"]
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+class Name(QmarginType):
+    """A registry name (dataset, model, loss): letters, digits, ``_.+-``; the registry says if it exists
+    (an unknown name is its ``ConfigError``, one line)."""
+
+    name = "name"
+
+    def parse(self, text: str) -> str:
+        t = text.strip()
+        if not _NAME.fullmatch(t):
+            raise ValueError(f"{text!r} is not a name")
+        return t
+
+    def invalid_examples(self) -> list[str]:
+        return [*super().invalid_examples(), "a b", "-1", "../x"]
+
+
+class Text(QmarginType):
+    """Non-blank free text (e.g. comma-separated glob patterns)."""
+
+    name = "text"
+
+    def parse(self, text: str) -> str:
+        if not text.strip():
+            raise ValueError("an empty value")
+        return text
+
+
+class KeyValue(QmarginType):
+    """``key=value`` (``key`` non-blank); returned as the text, the command parses the value."""
+
+    name = "key=value"
+
+    def parse(self, text: str) -> str:
+        key, sep, _ = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"needs key=value, got {text!r}")
+        return text
+
+    def invalid_examples(self) -> list[str]:
+        return [*super().invalid_examples(), "novalue", "=1"]
+
+
+# -- lists --------------------------------------------------------------------------------------
+
+
+class Reals(QmarginType):
+    """Comma-separated :class:`Real` values, at least one, no duplicates -> ``list[float]``."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, **kwargs: Any) -> None:
+        self.item = Real(lo, hi, **kwargs)
+        self.name = f"comma-separated reals in {self.item.range_text()}"
+
+    def parse(self, text: str) -> list[float]:
+        parts = [p for p in (p.strip() for p in text.split(",")) if p]  # "0,0.01," is two values
+        if not parts:
+            raise ValueError("give at least one value")
+        values = [self.item.parse(p) for p in parts]
+        if len(set(values)) != len(values):
+            raise ValueError(f"duplicate values in {text!r}")
+        return values
+
+    def invalid_examples(self) -> list[str]:
+        return [*self.item.invalid_examples(), ",", "abc,", f"{self.item.invalid_examples()[-1]},abc"]
+
+
+class Integers(QmarginType):
+    """Comma-separated :class:`Integer` values (or seeds), at least one, no duplicates -> ``list[int]``."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.item: Integer = Seed() if (lo, hi) == (0, SEED_LIMIT - 1) else Integer(lo, hi)
+        self.name = f"comma-separated {self.item.name}s"
+
+    def parse(self, text: str) -> list[int]:
+        parts = [p for p in (p.strip() for p in text.split(",")) if p]  # "0,0.01," is two values
+        if not parts:
+            raise ValueError("give at least one value")
+        values = [self.item.parse(p) for p in parts]
+        if len(set(values)) != len(values):
+            raise ValueError(f"duplicate values in {text!r}")
+        return values
+
+    def invalid_examples(self) -> list[str]:
+        return [*self.item.invalid_examples(), f"{self.item.lo},{self.item.lo}", ",", f"{self.item.lo},x"]
+
+
+SEED = Seed()
+REPEATS = Integer(1, MAX_REPEATS)
+PATTERNS = REPEATS
+DEVICE = Device(indexed=True)
+TRAIN_DEVICE = Device(indexed=False)
+"""``train`` stores its device in the run's config, which names ``auto``, ``cpu`` or ``cuda``."""
+NAME = Name()
+BER = Real(0.0, 1.0)
