@@ -8,8 +8,9 @@ and turns the interrupt into :class:`InterruptError`, whose message
     qmargin: interrupted: epoch 3 of 10 saved in runs/x; continue with: qmargin train --out runs/x ...
     qmargin: interrupted: 37 of 130 patterns saved in r.json; continue with: qmargin evaluate runs/x ...
 
-What was saved is read from the files the command writes (:data:`DESCRIBERS`, by command path); the
-command to continue is the command line as given (``--force`` / ``--overwrite`` dropped: they would
+What was saved is read from the files the command writes (:data:`DESCRIBERS`, by command path; a
+command without one says that nothing was written, and one that cannot resume says "run again with");
+the command to continue is the command line as given (``--force`` / ``--overwrite`` dropped: they would
 discard what was saved). Writes are atomic (``qmargin.files``) and a training checkpoint's two files
 are written with SIGINT held back (``qmargin.files.sigint_deferred``), so an interrupt, even a second
 one, never leaves a half-written file to resume from.
@@ -84,7 +85,9 @@ def describe_certify(params: Mapping[str, Any]) -> str:
 
 def describe_output_dir(params: Mapping[str, Any]) -> str:
     out = params.get("out")
-    return f"finished runs and results are kept in {out}" if out else "finished runs are kept"
+    if not out:
+        return "nothing kept (no --out: the work went to a temporary directory)"
+    return f"finished runs and results are kept in {out}"
 
 
 DESCRIBERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
@@ -97,6 +100,9 @@ DESCRIBERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "reproduce mondeq": describe_output_dir,
 }
 """Command path -> ``describe(params) -> what was saved``; other commands save nothing."""
+
+RESUMABLE = {"train", "evaluate", "reproduce mcel", "reproduce mcel-ablation", "reproduce mondeq"}
+"""Commands whose rerun continues from what was saved (the others start again)."""
 
 _argv: list[str] | None = None
 
@@ -119,7 +125,9 @@ def _line(path: str, params: Mapping[str, Any]) -> str:
         saved = describe(params) if describe else "nothing was written"
     except Exception:  # noqa: BLE001 - the line must come out whatever the files hold
         saved = "finished work is saved"
-    return f"interrupted: {saved}; continue with: {continue_command()}"
+    resumable = path in RESUMABLE or (path == "demo" and bool(params.get("out")))
+    verb = "continue with" if resumable else "run again with"
+    return f"interrupted: {saved}; {verb}: {continue_command()}"
 
 
 def catch_interrupts(command: click.Command, path: str = "") -> click.Command:
