@@ -23,7 +23,15 @@ annotation that the type returns::
     device: Annotated[str, typer.Option(click_type=opt.DEVICE)] = "auto"
     metric: Annotated[str, typer.Option(click_type=opt.Choice("accuracy", "loss"))] = "accuracy"
     model: Annotated[str, typer.Option(click_type=opt.NAME)] = "mlp"   # a registry name
-    ber: Annotated[Floats, typer.Option(click_type=opt.Reals(lo=0.0, hi=1.0))] = "0,0.01"  # -> list
+    ber: Annotated[opt.Floats, typer.Option(click_type=opt.Reals(0.0, 1.0))] = (0.0, 0.01)  # a list
+    storage: Annotated[Path | None, typer.Option(help="...")] = None  # paths: plain Path (checked)
+    plot: Annotated[bool, typer.Option(help="...")] = True  # boolean flags: plain bool
+
+Lists are annotated ``opt.Floats`` / ``opt.Ints`` (not ``list[...]``, which typer makes a repeatable
+option) and take a tuple default. A cross-flag condition (a base seed plus its patterns) is checked
+at the top of the command body with a click ``UsageError`` (:func:`check_seed_span`), still before
+any file is touched. Help shows the short metavar (``FLOAT``, ``INT``, ``SEED``...); the error
+message names the range.
 
 Types:
 
@@ -108,6 +116,11 @@ class QmarginType(click.ParamType):
     """Base of the checked types: ``parse(text) -> value`` raises ``ValueError`` with the reason."""
 
     name = "value"
+    metavar = "VALUE"
+    """What ``--help`` shows after the flag (``name``, with the range, is in the error messages)."""
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
+        return self.metavar
 
     def parse(self, text: str) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -143,6 +156,7 @@ class Real(QmarginType):
     ) -> None:
         self.lo, self.hi, self.lo_open, self.hi_open, self.allow_inf = lo, hi, lo_open, hi_open, allow_inf
         self.name = f"real in {self.range_text()}"
+        self.metavar = "FLOAT"
 
     def range_text(self) -> str:
         left = "(" if self.lo_open or self.lo is None else "["
@@ -188,6 +202,7 @@ class Integer(QmarginType):
         self.lo, self.hi, self.also = lo, hi, tuple(also)
         extra = "".join(f" or {a}" for a in self.also)
         self.name = f"integer in [{lo}, {hi}]{extra}"
+        self.metavar = "INT"
 
     def parse(self, text: str) -> int:
         t = text.strip().replace("_", "")
@@ -210,6 +225,7 @@ class Seed(Integer):
     def __init__(self) -> None:
         super().__init__(0, SEED_LIMIT - 1)
         self.name = "seed in [0, 2**63)"
+        self.metavar = "SEED"
 
     def parse(self, text: str) -> int:
         t = text.strip().replace("_", "")
@@ -244,6 +260,7 @@ class Device(QmarginType):
     def __init__(self, *, indexed: bool = True) -> None:
         self.indexed = indexed
         self.name = "auto|cpu|cuda" + ("[:N]" if indexed else "")
+        self.metavar = self.name
 
     def parse(self, text: str) -> str:
         t = text.strip().lower()
@@ -270,7 +287,7 @@ class Choice(QmarginType):
 
     def __init__(self, *choices: str) -> None:
         self.choices = tuple(choices)
-        self.name = "|".join(self.choices)
+        self.name = self.metavar = "|".join(self.choices)
 
     def parse(self, text: str) -> str:
         t = text.strip().lower()
@@ -291,6 +308,7 @@ class Name(QmarginType):
     (an unknown name is its ``ConfigError``, one line)."""
 
     name = "name"
+    metavar = "NAME"
 
     def parse(self, text: str) -> str:
         t = text.strip()
@@ -306,6 +324,7 @@ class Text(QmarginType):
     """Non-blank free text (e.g. comma-separated glob patterns)."""
 
     name = "text"
+    metavar = "TEXT"
 
     def parse(self, text: str) -> str:
         if not text.strip():
@@ -317,6 +336,7 @@ class KeyValue(QmarginType):
     """``key=value`` (``key`` non-blank); returned as the text, the command parses the value."""
 
     name = "key=value"
+    metavar = "KEY=VALUE"
 
     def parse(self, text: str) -> str:
         key, sep, _ = text.partition("=")
@@ -337,6 +357,7 @@ class Reals(QmarginType):
     def __init__(self, lo: float | None = None, hi: float | None = None, **kwargs: Any) -> None:
         self.item = Real(lo, hi, **kwargs)
         self.name = f"comma-separated reals in {self.item.range_text()}"
+        self.metavar = "FLOAT,..."
 
     def parse(self, text: str) -> list[float]:
         parts = [p for p in (p.strip() for p in text.split(",")) if p]  # "0,0.01," is two values
@@ -357,6 +378,7 @@ class Integers(QmarginType):
     def __init__(self, lo: int, hi: int) -> None:
         self.item: Integer = Seed() if (lo, hi) == (0, SEED_LIMIT - 1) else Integer(lo, hi)
         self.name = f"comma-separated {self.item.name}s"
+        self.metavar = "INT,..."
 
     def parse(self, text: str) -> list[int]:
         parts = [p for p in (p.strip() for p in text.split(",")) if p]  # "0,0.01," is two values
