@@ -211,6 +211,14 @@ def test_layer_auto_alpha_and_anderson_gradients():
         grads.append([p.grad.clone() for p in core.parameters()])
         assert layer.last_forward_stats.converged and layer.last_backward_stats.converged
     assert fast.last_backward_stats.accelerator == "anderson"
+    # "auto" is tuned once; after a weight update the same multiple of the new default step is used
+    mult, a0 = fast._auto_mult, fast.last_forward_stats.alpha
+    with torch.no_grad():
+        core.B.mul_(1.5)
+    fast(x)
+    mu, L = (float(t) for t in core.margin_and_norm())
+    assert fast._auto_mult == mult and fast._auto_count == 2
+    assert fast.last_forward_stats.alpha == pytest.approx(mult / L) and fast.last_forward_stats.alpha != a0
     for g0, g1 in zip(*grads, strict=True):
         torch.testing.assert_close(g1, g0, atol=1e-7, rtol=1e-6)
 

@@ -40,6 +40,7 @@ from qmargin.deq.solvers import (
     ConvergenceError,
     SolverStats,
     _check_args,
+    default_alpha,
     solve,
     solve_adjoint,
     tune_alpha,
@@ -154,7 +155,9 @@ class MonDEQLayer(nn.Module):
         core: a :class:`~qmargin.deq.monotone.MonotoneParameterization` (FC, conv, multi-tier conv).
         solver: ``"pr"`` (default), ``"dr"``, ``"fb"`` or another registered splitting.
         alpha: step size; ``None``: from the exact ``(mu, L)`` of the ``W`` in use; ``"auto"``: tuned by
-            :func:`~qmargin.deq.solvers.tune_alpha` (once per realized ``W``, cached).
+            :func:`~qmargin.deq.solvers.tune_alpha` as a multiple ``c`` of that default step, re-tuned
+            every ``auto_every`` new ``W`` (as the 2020 code re-tuned twice per epoch); in between,
+            ``a = c * default(mu, L)`` of the current ``W`` (FB's ``c <= 1.9`` keeps ``a < 2 mu / L^2``).
         tol, max_iter, check_every: see :func:`qmargin.deq.solvers.solve`.
         backward_tol, backward_max_iter: for the adjoint solve (default: as forward).
         on_failure: ``"record"`` (default): a non-converged solve is only recorded in the stats;
@@ -190,9 +193,12 @@ class MonDEQLayer(nn.Module):
         accelerator_options: dict[str, Any] | None = None,
         warm_start: bool = False,
         cache_operator: bool = True,
+        auto_every: int = 100,
     ) -> None:
         super().__init__()
         solver = _check_args(solver, tol, max_iter, check_every, alpha, accelerator)
+        if auto_every < 1:
+            raise ValueError(f"auto_every must be >= 1, got {auto_every}")
         if on_failure not in _FAILURE_MODES:
             raise ValueError(f"on_failure must be one of {_FAILURE_MODES}, got {on_failure!r}")
         self.core = core
@@ -205,6 +211,9 @@ class MonDEQLayer(nn.Module):
         self.warm_start, self.cache_operator = warm_start, cache_operator
         self._warm: dict[str, Tensor] = {}
         self._op_cache: tuple[Operator, float | None] | None = None
+        self.auto_every = auto_every
+        self._auto_mult: float | None = None
+        self._auto_count = 0
         self.last_forward_stats: SolverStats | None = None
         self.last_backward_stats: SolverStats | None = None
 
@@ -226,7 +235,12 @@ class MonDEQLayer(nn.Module):
         alpha: Alpha = self.alpha
         if alpha == "auto":
             if tuned is None:
-                tuned = tune_alpha(op, v, self.solver)
+                mu, L = (float(t) for t in op.margin_and_norm())
+                base = default_alpha(self.solver, mu, L)
+                if self._auto_mult is None or self._auto_count % self.auto_every == 0:
+                    self._auto_mult = tune_alpha(op, v, self.solver) / base
+                self._auto_count += 1
+                tuned = self._auto_mult * base
             alpha = tuned
         if self.cache_operator:
             self._op_cache = (op, tuned)
@@ -236,6 +250,8 @@ class MonDEQLayer(nn.Module):
         """Forget the cached operator and the warm-start iterates."""
         self._op_cache = None
         self._warm.clear()
+        self._auto_mult = None
+        self._auto_count = 0
 
     def _record(self, kind: str, stats: SolverStats) -> None:
         setattr(self, f"last_{kind}_stats", stats)

@@ -339,10 +339,11 @@ class AndersonAccelerator:
         self._x: Tensor | None = None
         self._f: Tensor | None = None
         self._g: Tensor | None = None
-        self._dX: Tensor | None = None  # (N, m, D) ring buffers
+        self._dX: Tensor | None = None  # (m, N, D) ring buffers
         self._dF: Tensor | None = None
         self._dG: Tensor | None = None
         self._H: Tensor | None = None  # (N, m, m) Gram matrix of dG, updated one row per step
+        self._rhs: Tensor | None = None  # (N, m): <dG_i, g_k>, updated incrementally
         self._count = 0
 
     def propose(self, x: Tensor, f: Tensor) -> Tensor:
@@ -351,37 +352,41 @@ class AndersonAccelerator:
             self._x, self._f, self._g = x, f, g
             return f
         m = self.memory
-        if self._dG is None or self._dG.shape[0] != x.shape[0]:
+        if self._dG is None or self._dG.shape[1] != x.shape[0]:
             N, D = x.shape
-            self._dX = x.new_zeros(N, m, D) if self.beta != 1.0 else None
-            self._dF, self._dG = x.new_zeros(N, m, D), x.new_zeros(N, m, D)
+            self._dX = x.new_zeros(m, N, D) if self.beta != 1.0 else None
+            self._dF, self._dG = x.new_zeros(m, N, D), x.new_zeros(m, N, D)
             self._H = x.new_zeros(N, m, m)
         assert self._dF is not None and self._H is not None
         j = self._count % m
         self._count += 1
         dg = g - self._g
-        self._dF[:, j] = f - self._f
-        self._dG[:, j] = dg
+        self._dF[j] = f - self._f
+        self._dG[j] = dg
         if self._dX is not None:
-            self._dX[:, j] = x - self._x
-        row = torch.einsum("nd,nkd->nk", dg, self._dG)  # <dg, dG_k>
-        self._H[:, j, :] = row
-        self._H[:, :, j] = row
-        self._x, self._f, self._g = x, f, g
+            self._dX[j] = x - self._x
         k = min(self._count, m)
-        H = self._H if k == m else self._H[:, :k, :k]
-        dG, dF = (self._dG, self._dF) if k == m else (self._dG[:, :k], self._dF[:, :k])
+        dG, dF = self._dG[:k], self._dF[:k]  # (k, N, D), contiguous slot writes
+        row = (dG * dg).sum(-1).T  # (N, k): <dG_i, dg>
+        self._H[:, j, :k] = row
+        self._H[:, :k, j] = row
+        # rhs_i = <dG_i, g_k> = <dG_i, g_{k-1}> + <dG_i, dg>: last step's rhs, its slot j renewed, plus row
+        if self._rhs is None or self._rhs.shape[0] != x.shape[0]:
+            self._rhs = x.new_zeros(x.shape[0], m)
+        self._rhs[:, j] = (dg * self._g).sum(-1)
+        self._rhs[:, :k] += row
+        rhs = self._rhs[:, :k].unsqueeze(-1)
+        self._x, self._f, self._g = x, f, g
+        H = self._H[:, :k, :k]
         scale = H.diagonal(dim1=-2, dim2=-1).sum(-1) / k
         reg = (self.lam * scale + torch.finfo(H.dtype).tiny).reshape(-1, 1, 1)
         eye = torch.eye(k, dtype=H.dtype, device=H.device)
-        rhs = torch.einsum("nd,nkd->nk", g, dG).unsqueeze(-1)
         gamma, info = torch.linalg.solve_ex(H + reg * eye, rhs)
         ok = (info == 0).reshape(-1, 1, 1) & torch.isfinite(gamma).all(dim=(-2, -1), keepdim=True)
-        gamma = torch.where(ok, gamma, torch.zeros_like(gamma))  # (N, k, 1)
-        xc = f - (gamma * dF).sum(1)
+        gamma = torch.where(ok, gamma, torch.zeros_like(gamma)).squeeze(-1).T.unsqueeze(-1)  # (k, N, 1)
+        xc = f - (gamma * dF).sum(0)
         if self._dX is not None:
-            dX = self._dX if k == m else self._dX[:, :k]
-            xc = self.beta * xc + (1.0 - self.beta) * (x - (gamma * dX).sum(1))
+            xc = self.beta * xc + (1.0 - self.beta) * (x - (gamma * self._dX[:k]).sum(0))
         return xc
 
 
@@ -532,8 +537,8 @@ def tune_alpha(
     op: Operator | RealizesOperator,
     x_injection: Tensor,
     method: Method | str = "pr",
-    probe_samples: int = 32,
-    probe_iters: int = 30,
+    probe_samples: int = 16,
+    probe_iters: int = 20,
 ) -> float:
     """Pick a step by a short probe: the candidate with the smallest residual after ``probe_iters``.
 
