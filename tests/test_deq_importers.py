@@ -164,7 +164,7 @@ def _ref2020_conv(seed: int = 2, C: int = 3, Cin: int = 2, k: int = 3, g: float 
         f"{p}g": torch.tensor(g),
         f"{p}h": torch.tensor(h),
         f"{p}B.weight": torch.randn(C, C, k, k, generator=gen),
-        "Wout.weight": torch.randn(10, C * 4, generator=gen),
+        "Wout.weight": torch.randn(10, C * 4 * 4, generator=gen),  # 16 x 16 grid, avg-pooled by 4
         "Wout.bias": torch.randn(10, generator=gen),
     }
 
@@ -198,20 +198,27 @@ def test_reference_2020_conv_round_trip(tmp_path):
     path = tmp_path / "conv.pt"
     torch.save(sd, path)  # read back with weights_only=True
     assert detect_format(sd) == "reference2020conv"
-    imp = load_reference_2020_conv(path, image_size=6, m=0.4)
+    imp = load_reference_2020_conv(path, image_size=16, m=0.4)
     p = "mon.linear_module."
     m, g, h = 0.4, 0.7, 1.3
     A = sd[f"{p}A.weight"].double() / sd[f"{p}A.weight"].double().norm()
     B = h * sd[f"{p}B.weight"].double() / sd[f"{p}B.weight"].double().norm()
-    z = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     # the 2020 operator written directly: W z = (1 - m) z - g A^T A z + B z - B^T z
     Wz = (1 - m) * z - g * _circ_T(_circ(z, A), A) + _circ(z, B) - _circ_T(z, B)
     op = imp.core.operator()
     torch.testing.assert_close(op.matvec(z.float()).double(), Wz, atol=1e-5, rtol=1e-5)
-    x = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(4))
     v = _circ(x.double(), sd[f"{p}U.weight"].double()) + sd[f"{p}U.bias"].double().view(1, -1, 1, 1)
     torch.testing.assert_close(imp.core.injection(x).detach().double(), v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(imp.head.weight.detach(), sd["Wout.weight"])
+    # the classifier: head(avg_pool2d(z*, 4)) as the 2020 SingleConvNet (without its border projection)
+    imp.model.mon.tol = 1e-6
+    with torch.no_grad():
+        zs = imp.model.mon(x)
+        logits = imp.model(x)
+    feats = torch.nn.functional.avg_pool2d(zs, 4).flatten(1)
+    torch.testing.assert_close(logits, feats @ sd["Wout.weight"].T + sd["Wout.bias"])
     assert float(imp.core.margin_and_norm()[0]) >= m - 1e-5  # monotone by construction
     with pytest.raises(CheckpointError, match="load_reference_2020_conv"):
         load_mondeq_checkpoint(sd)

@@ -243,17 +243,26 @@ def load_mondeq_checkpoint(source: Source, m: float = 1.0, **kwargs: Any) -> Mon
 
 @dataclass
 class Reference2020Conv:
-    """An imported 2020 ``SingleConvNet``: the monotone core and the head's tensors.
+    """An imported 2020 ``SingleConvNet``.
 
-    ``core``: :class:`MonotoneConv` with the checkpoint's operator and injection (exact).
-    ``head``: ``nn.Linear`` of the 2020 head, which that code applies to ``avg_pool2d(z, pool)``.
-    ``border``: width of the border that the 2020 ``MONBorderReLU`` zeroes (not part of ``core``).
+    ``model``: a conv :class:`MonDEQClassifier` (``pool = 4`` as that code) whose core has the
+    checkpoint's operator and injection (exact) and whose head is the checkpoint's ``Wout``. It takes the
+    inputs already padded to the state grid (the 2020 net zero-pads 28 x 28 to 30 x 30 itself).
+    ``border``: width of the border that the 2020 ``MONBorderReLU`` zeroes, which ``model`` does not.
     """
 
-    core: MonotoneConv
-    head: nn.Linear
-    pool: int = 4
+    model: MonDEQClassifier
     border: int = 1
+
+    @property
+    def core(self) -> MonotoneConv:
+        core = self.model.core
+        assert isinstance(core, MonotoneConv)
+        return core
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.head
 
 
 def load_reference_2020_conv(
@@ -264,7 +273,7 @@ def load_reference_2020_conv(
     ``image_size`` is the state grid (``SingleConvNet`` pads 28 x 28 inputs to 30 x 30); ``m`` the
     constructor argument of that code (not stored). Weight normalisation is folded in:
     ``A = sqrt(g) A / ||A||_F``, ``B = h B / ||B||_F`` (module docstring). ``kwargs`` go to
-    :class:`MonotoneConv` (``spec``, ``dtype`` must stay float32, ...).
+    :class:`MonDEQClassifier` (solver options; the weights stay float32).
     """
     fmt = "reference 2020 conv"
     sd = read_state_dict(source)
@@ -291,10 +300,14 @@ def load_reference_2020_conv(
             raise CheckpointError(f"{fmt} checkpoint entry {key} is all zeros (its weight norm divides by 0)")
     A_eff = torch.sqrt(g) * A / A.norm()
     B_eff = h * B / B.norm()
-    Cout, F_in = _shape(sd, "Wout.weight", (None, None), fmt)
+    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+    pool = 4
+    Cout, _ = _shape(sd, "Wout.weight", (None, C * (H // pool) * (W // pool)), fmt)
     _shape(sd, "Wout.bias", (Cout,), fmt)
-    core = MonotoneConv(C_in, C, image_size, k, m=m, learn_m=False, **kwargs)
-    head = nn.Linear(F_in, Cout)
+    core = MonotoneConv(C_in, C, (H, W), k, m=m, learn_m=False)
+    model = MonDEQClassifier(num_classes=Cout, in_shape=(C_in, H, W), conv_channels=[C], kernel_size=k,
+                             pool=pool, core=core, **kwargs)
+    head = model.head
     with torch.no_grad():
         pairs = ((core.A[0], A_eff), (core.B[0], B_eff), (core.U, sd[f"{_R20}U.weight"]),
                  (core.b, sd[f"{_R20}U.bias"]), (head.weight, sd["Wout.weight"]),
@@ -303,4 +316,4 @@ def load_reference_2020_conv(
             if t.dtype != p.dtype:
                 raise CheckpointError(f"checkpoint tensor is {t.dtype}, the model stores {p.dtype}")
             p.copy_(t)
-    return Reference2020Conv(core, head)
+    return Reference2020Conv(model)

@@ -182,7 +182,7 @@ class MonDEQLayer(nn.Module):
         self,
         core: MonotoneParameterization,
         solver: str = "pr",
-        alpha: float | None = None,
+        alpha: Alpha = None,
         tol: float = 1e-4,
         max_iter: int = 300,
         check_every: int = 5,
