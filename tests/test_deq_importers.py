@@ -152,3 +152,79 @@ def test_missing_file_and_wrong_format(tmp_path):
     bad["mon.core.m_raw"] = torch.zeros(2)
     with pytest.raises(CheckpointError, match="scalar"):
         load_companion_2026(bad)
+
+
+def _ref2020_conv(seed: int = 2, C: int = 3, Cin: int = 2, k: int = 3, g: float = 0.7, h: float = 1.3):
+    gen = torch.Generator().manual_seed(seed)
+    p = "mon.linear_module."
+    return {
+        f"{p}U.weight": torch.randn(C, Cin, k, k, generator=gen),
+        f"{p}U.bias": torch.randn(C, generator=gen),
+        f"{p}A.weight": torch.randn(C, C, k, k, generator=gen),
+        f"{p}g": torch.tensor(g),
+        f"{p}h": torch.tensor(h),
+        f"{p}B.weight": torch.randn(C, C, k, k, generator=gen),
+        "Wout.weight": torch.randn(10, C * 4 * 4, generator=gen),  # 16 x 16 grid, avg-pooled by 4
+        "Wout.bias": torch.randn(10, generator=gen),
+    }
+
+
+def _circ(x, K):
+    """Circular 'same' cross-correlation, written out with torch.roll (independent of qmargin's code)."""
+    k = K.shape[-1]
+    out = torch.zeros(x.shape[0], K.shape[0], *x.shape[2:], dtype=x.dtype)
+    for p_ in range(k):
+        for q in range(k):
+            shifted = torch.roll(x, shifts=(k // 2 - p_, k // 2 - q), dims=(2, 3))  # x[i + p - k//2]
+            out += torch.einsum("oc,nchw->nohw", K[:, :, p_, q], shifted)
+    return out
+
+
+def _circ_T(y, K):
+    """Adjoint of :func:`_circ` (transposed kernel, shifts reversed)."""
+    k = K.shape[-1]
+    out = torch.zeros(y.shape[0], K.shape[1], *y.shape[2:], dtype=y.dtype)
+    for p_ in range(k):
+        for q in range(k):
+            t = torch.einsum("oc,nohw->nchw", K[:, :, p_, q], y)
+            out += torch.roll(t, shifts=(p_ - k // 2, q - k // 2), dims=(2, 3))
+    return out
+
+
+def test_reference_2020_conv_round_trip(tmp_path):
+    from qmargin.deq.importers import load_reference_2020_conv
+
+    sd = _ref2020_conv()
+    path = tmp_path / "conv.pt"
+    torch.save(sd, path)  # read back with weights_only=True
+    assert detect_format(sd) == "reference2020conv"
+    imp = load_reference_2020_conv(path, image_size=16, m=0.4)
+    p = "mon.linear_module."
+    m, g, h = 0.4, 0.7, 1.3
+    A = sd[f"{p}A.weight"].double() / sd[f"{p}A.weight"].double().norm()
+    B = h * sd[f"{p}B.weight"].double() / sd[f"{p}B.weight"].double().norm()
+    z = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    # the 2020 operator written directly: W z = (1 - m) z - g A^T A z + B z - B^T z
+    Wz = (1 - m) * z - g * _circ_T(_circ(z, A), A) + _circ(z, B) - _circ_T(z, B)
+    op = imp.core.operator()
+    torch.testing.assert_close(op.matvec(z.float()).double(), Wz, atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    v = _circ(x.double(), sd[f"{p}U.weight"].double()) + sd[f"{p}U.bias"].double().view(1, -1, 1, 1)
+    torch.testing.assert_close(imp.core.injection(x).detach().double(), v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(imp.head.weight.detach(), sd["Wout.weight"])
+    # the classifier: head(avg_pool2d(z*, 4)) as the 2020 SingleConvNet (without its border projection)
+    imp.model.mon.tol = 1e-6
+    with torch.no_grad():
+        zs = imp.model.mon(x)
+        logits = imp.model(x)
+    feats = torch.nn.functional.avg_pool2d(zs, 4).flatten(1)
+    torch.testing.assert_close(logits, feats @ sd["Wout.weight"].T + sd["Wout.bias"])
+    assert float(imp.core.margin_and_norm()[0]) >= m - 1e-5  # monotone by construction
+    with pytest.raises(CheckpointError, match="load_reference_2020_conv"):
+        load_mondeq_checkpoint(sd)
+    with pytest.raises(CheckpointError, match="not monotone"):
+        load_reference_2020_conv(_ref2020_conv(g=-0.5))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_reference_2020_conv({**sd, f"{p}B.weight": torch.randn(3, 3, 5, 5)})
+    with pytest.raises(CheckpointError, match="float32"):
+        load_reference_2020_conv({**sd, f"{p}g": torch.tensor(0.7, dtype=torch.float64)})

@@ -39,6 +39,7 @@ from qmargin.deq.importers import (
     load_companion_2026,
     load_mondeq_checkpoint,
     load_reference_2020,
+    load_reference_2020_conv,
     read_state_dict,
 )
 from qmargin.deq.layer import MonDEQLayer, implicit_equilibrium
@@ -106,6 +107,7 @@ __all__ = [
     "check_m",
     "detect_format",
     "load_reference_2020",
+    "load_reference_2020_conv",
     "load_companion_2026",
     "load_mondeq_checkpoint",
 ]

@@ -39,7 +39,8 @@ class MonDEQClassifier(nn.Module):
         r: rows of ``A`` (FC; default ``n``).
         m: monotonicity parameter (initial value when ``learn_m``).
         learn_m: learn ``m = softplus(m_raw) + 1e-4``.
-        solver, alpha, tol, max_iter, check_every, on_failure: see :class:`MonDEQLayer`.
+        solver, alpha, tol, max_iter, check_every, on_failure, accelerator, warm_start: see
+            :class:`MonDEQLayer` (defaults: the plain splitting, cold starts).
         spec: quantizer of ``W``, ``U`` (and ``b`` if ``quantize_bias``) and of the head's weight
             (if ``quantize_head``); ``None`` keeps everything float.
         conv_channels, kernel_size, pool: conv forms.
@@ -57,7 +58,7 @@ class MonDEQClassifier(nn.Module):
         m: float = 1.0,
         learn_m: bool = False,
         solver: str = "pr",
-        alpha: float | None = None,
+        alpha: float | str | None = None,
         tol: float = 1e-4,
         max_iter: int = 300,
         check_every: int = 5,
@@ -69,6 +70,8 @@ class MonDEQClassifier(nn.Module):
         kernel_size: int = 3,
         pool: int = 1,
         core: MonotoneParameterization | None = None,
+        accelerator: str = "none",
+        warm_start: bool = False,
     ) -> None:
         super().__init__()
         bias_spec = spec if quantize_bias else None
@@ -90,7 +93,8 @@ class MonDEQClassifier(nn.Module):
                 core = MonotoneLinear(in_features, n, r, m, learn_m, spec, bias_spec)
         self.in_shape = tuple(in_shape) if in_shape is not None else None
         self.pool = int(pool)
-        self.mon = MonDEQLayer(core, solver, alpha, tol, max_iter, check_every, on_failure=on_failure)
+        self.mon = MonDEQLayer(core, solver, alpha, tol, max_iter, check_every, on_failure=on_failure,
+                               accelerator=accelerator, warm_start=warm_start)
         feat = self._feature_dim(core)
         if spec is not None and quantize_head:
             self.head: nn.Linear = QuantLinear(feat, num_classes, spec=spec)
