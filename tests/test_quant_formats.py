@@ -280,3 +280,32 @@ def test_doc_tables_are_the_generated_ones():
     assert "| 0 | `00` | 1 | -2 → -1 |" in bit_tables.full_table(2, "twos")
     assert "| 0 | `10` | 1 | -2 → -1 |" in bit_tables.full_table(2, "offset")
     assert "| 0 | `00` | 1 | -0 |" in bit_tables.full_table(2, "sign_magnitude")
+
+
+def test_evaluate_records_storage_saturation_and_nesting(tmp_path):
+    """``evaluate --storage/--saturate/--nested``: the campaign runs on the run's codes, the choices
+    are in the result's settings, and a resume with another format is refused."""
+    import subprocess
+    import sys
+
+    from qmargin.experiments.evaluate import evaluate_run
+    from qmargin.training import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, device="cpu"), out_dir=run)
+    out = tmp_path / "ber.json"
+    args = {"bers": [0.0, 0.01, 0.05], "repeats": 2, "base_seed": 100, "out_path": out, "device": "cpu"}
+    result = evaluate_run(run, storage="sign-magnitude", saturate=True, nested=True, **args)
+    em = result["error_model"]
+    assert (em["storage"], em["saturate"], em["nested_max"]) == ("sign_magnitude", True, 0.05)
+    with pytest.raises(ConfigError, match="error_model"):
+        evaluate_run(run, storage="offset", saturate=True, nested=True, **args)
+    again = evaluate_run(run, storage="sign_magnitude", saturate=True, nested=True, **args)  # resumes
+    assert again["results"] == result["results"]
+    plain = evaluate_run(run, **{**args, "out_path": tmp_path / "plain.json"})
+    assert set(plain["error_model"]).isdisjoint({"storage", "saturate", "nested_max"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmargin", "evaluate", str(run), "--ber", "0.01", "--storage", "ones", "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "storage format" in proc.stderr and "Traceback" not in proc.stderr
