@@ -282,17 +282,18 @@ def test_doc_tables_are_the_generated_ones():
     assert "| 0 | `00` | 1 | -0 |" in bit_tables.full_table(2, "sign_magnitude")
 
 
-def test_evaluate_records_storage_saturation_and_nesting(tmp_path):
+def test_evaluate_records_storage_saturation_and_nesting(tmp_path, capsys):
     """``evaluate --storage/--saturate/--nested``: the campaign runs on the run's codes, the choices
     are in the result's settings, and a resume with another format is refused."""
-    import subprocess
-    import sys
+    import json
 
+    from qmargin.cli import main
     from qmargin.experiments.evaluate import evaluate_run
     from qmargin.training import TrainConfig, train
 
     run = tmp_path / "run"
-    train(TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, device="cpu"), out_dir=run)
+    config = TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, batch_size=512, device="cpu")
+    train(config, out_dir=run)
     out = tmp_path / "ber.json"
     args = {"bers": [0.0, 0.01, 0.05], "repeats": 2, "base_seed": 100, "out_path": out, "device": "cpu"}
     result = evaluate_run(run, storage="sign-magnitude", saturate=True, nested=True, **args)
@@ -304,8 +305,14 @@ def test_evaluate_records_storage_saturation_and_nesting(tmp_path):
     assert again["results"] == result["results"]
     plain = evaluate_run(run, **{**args, "out_path": tmp_path / "plain.json"})
     assert set(plain["error_model"]).isdisjoint({"storage", "saturate", "nested_max"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "qmargin", "evaluate", str(run), "--ber", "0.01", "--storage", "ones", "-q"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2 and "storage format" in proc.stderr and "Traceback" not in proc.stderr
+    # the CLI options reach it (in process: the CLI's own tests cover the subprocess entry point)
+    cli = tmp_path / "cli.json"
+    common = ["evaluate", str(run), "--ber", "0,0.01", "--repeats", "1", "--no-plot", "-q", "--device", "cpu"]
+    assert main([*common, "--out", str(cli), "--storage", "offset", "--saturate", "--nested"]) == 0
+    em = json.loads(cli.read_text())["error_model"]
+    assert (em["storage"], em["saturate"], em["nested_max"]) == ("offset", True, 0.01)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--out", str(tmp_path / "bad.json"), "--storage", "ones"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "storage format" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
