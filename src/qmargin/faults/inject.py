@@ -318,7 +318,7 @@ def _corrupt_tensor(
         raise ConfigError(
             f"protected bits {bad} do not exist in the {bits}-bit codes of {name}.{tensor}"
         ) from None
-    if (storage != DEFAULT_STORAGE or saturate) and codes.dtype == torch.int8 and bits > 1:
+    if kinds and (storage != DEFAULT_STORAGE or saturate) and codes.dtype == torch.int8 and bits > 1:
         return _corrupt_words(
             codes, bits, name, tensor, protected, kinds, seed, applied, storage=storage, saturate=saturate
         )
