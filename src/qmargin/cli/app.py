@@ -381,6 +381,19 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option(help="Replace a result file with other settings.")] = False,
     plot: Annotated[bool, typer.Option(help="Also write a PNG plot beside the JSON.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Word format of the codes: twos | offset | sign-magnitude (default: the run's)."),
+    ] = None,
+    saturate: Annotated[
+        bool | None,
+        typer.Option(
+            "--saturate/--no-saturate", help="Clamp corrupted words to [-qmax, qmax] (default: the run's)."
+        ),
+    ] = None,
+    nested: Annotated[
+        bool, typer.Option(help="Nested patterns: bits flipped at a lower BER are a subset (same seed).")
+    ] = False,
 ) -> None:
     """Accuracy under random bit errors: BER grid x seeded patterns (resumable)."""
     bers = list(ber)
@@ -412,6 +425,9 @@ def evaluate(
             progress=progress,
             ptq_bits=bits,
             patterns_per_pass=patterns_per_pass,
+            storage=storage,
+            saturate=saturate,
+            nested=nested,
         )
     if "ptq_bits" in result.get("config", {}):
         console.print(

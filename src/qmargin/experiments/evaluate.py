@@ -38,12 +38,23 @@ def error_model_for(
     include_bias: bool = False,
     p01: float | None = None,
     p10: float | None = None,
+    storage: str | None = None,
+    saturate: bool | None = None,
+    nested_bers: Sequence[float] | None = None,
 ) -> BitErrorModel:
     """The campaign's template ``BitErrorModel`` (its BER is replaced per grid point).
 
     Weights only by default (``WEIGHT_TENSORS``: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of
     MonDEQ layers); ``include_bias`` hits every stored tensor, which includes biases stored as codes.
+    ``storage`` / ``saturate`` override the word format of the run's specs (``None``: theirs);
+    ``nested_bers`` (the campaign's grid) asks for nested patterns, ``nested_max = max(nested_bers)``
+    (docs/bit-conventions.md). All three are recorded in the template's ``to_dict`` when set.
     """
+    nested_max = None
+    if nested_bers is not None:
+        nested_max = max((float(b) for b in nested_bers), default=0.0)
+        if nested_max <= 0.0:
+            raise ConfigError("nested patterns need a positive BER in the grid")
     return BitErrorModel(
         ber=0.0,
         p01=p01,
@@ -51,6 +62,9 @@ def error_model_for(
         protected_bits=tuple(protected_bits),
         layers=tuple(layers) or ("*",),
         tensors=None if include_bias else WEIGHT_TENSORS,
+        storage=storage,  # type: ignore[arg-type]  # validated (ConfigError) by BitErrorModel
+        saturate=saturate,
+        nested_max=nested_max,
     )
 
 
@@ -82,6 +96,9 @@ def evaluate_run(
     progress: Callable[[Any], None] | None = None,
     ptq_bits: int | None = None,
     patterns_per_pass: int = 1,
+    storage: str | None = None,
+    saturate: bool | None = None,
+    nested: bool = False,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -90,6 +107,11 @@ def evaluate_run(
     first quantized post-training to ``ptq_bits`` (default :data:`DEFAULT_PTQ_BITS`) with the run's
     quantizer settings, and the result records ``config["ptq_bits"]``. ``ptq_bits`` on a quantized run
     is an error (its stored codes are what is evaluated).
+
+    ``storage`` / ``saturate`` choose the memory's word format and decode for this campaign (the
+    codes are the run's; ``None`` keeps the specs'), ``nested`` draws nested patterns across the grid
+    (:func:`error_model_for`); they are recorded in the result's ``error_model`` settings, so a
+    resume with other choices is refused.
     """
     if out_path is not None:
         check_outputs(
@@ -109,7 +131,10 @@ def evaluate_run(
             f"{run_dir}: a {config.bits}-bit run is evaluated on its stored codes; --bits is for float runs"
         )
     data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
-    template = error_model_for(protected_bits=protected_bits, layers=layers, include_bias=include_bias)
+    template = error_model_for(
+        protected_bits=protected_bits, layers=layers, include_bias=include_bias,
+        storage=storage, saturate=saturate, nested_bers=bers if nested else None,
+    )
     return run_ber_campaign(
         model,
         data.x_test,

@@ -11,7 +11,11 @@ For every selected stored tensor (integer codes in b-bit words, bit 0 = LSB):
   1``); a stuck bit reads its stuck value whatever was written or flipped (stuck-at acts after the
   random flips);
 * ``protected_bits``: bit positions no fault reaches (e.g. ECC-protected sign bits); negative
-  positions count from the most significant bit (``-1`` = bit b-1, the sign of a symmetric code).
+  positions count from the most significant bit (``-1`` = bit b-1, the sign of a symmetric code);
+* ``storage`` / ``saturate``: the memory's word format and decode, overriding those of each
+  tensor's :class:`qmargin.quant.QuantSpec` (``None``: the spec's own; docs/bit-conventions.md);
+* ``nested_max``: nested patterns (the random flips at every rate ``<= nested_max`` of one seed are
+  nested, same law; :class:`qmargin.faults.RandomFlips`).
 
 Selection (``layers``, ``exclude``, ``layer_types``, ``tensors``, ``protected_bits``): see
 :mod:`qmargin.faults.selection`.
@@ -33,8 +37,19 @@ from typing import Any, Protocol, runtime_checkable
 from qmargin.errors import ConfigError
 from qmargin.faults.kinds import FaultKind, RandomFlips, StuckAt, _rate, fault_kind_from_dict
 from qmargin.faults.selection import WEIGHT_TENSORS, Selection
+from qmargin.quant import QuantSpec
+from qmargin.quant.codes import StorageFormat, check_storage
 
-__all__ = ["BitErrorModel", "FaultModel", "ErrorModel", "ErrorModelTemplate", "WEIGHT_TENSORS"]
+__all__ = [
+    "BitErrorModel",
+    "FaultModel",
+    "ErrorModel",
+    "ErrorModelTemplate",
+    "WEIGHT_TENSORS",
+    "word_format",
+]
+
+_OPTIONAL = ("storage", "saturate", "nested_max")  # serialised only when set (older files lack them)
 
 
 @runtime_checkable
@@ -81,6 +96,15 @@ class BitErrorModel:
             class or any base class, so ``"Conv2d"`` matches ``QuantConv2d``.
         tensors: names of stored tensors to hit (default :data:`WEIGHT_TENSORS`: the weights of
             ``nn``-style layers and the ``W``, ``U`` of MonDEQ layers, no biases); ``None`` = all of them.
+        storage: word format of the stored codes (``"twos"``, ``"offset"``, ``"sign_magnitude"``),
+            overriding each tensor's ``QuantSpec.storage``; ``None`` = the spec's own. The integer
+            codes are the same; what a flip does to a code changes. Symmetric codes only.
+        saturate: saturating decode (``True``/``False``), overriding ``QuantSpec.saturate``;
+            ``None`` = the spec's own.
+        nested_max: nested patterns: random flips are drawn at this rate and thinned to the model's
+            (``ber``, ``p01``, ``p10`` must not exceed it), so for one seed the flipped bits at a
+            lower BER are a subset of those at a higher BER; same law. ``None`` (default): plain
+            sampler (:class:`qmargin.faults.RandomFlips`).
 
     Strings are accepted where a tuple is expected (``layers="fc"``). Values are validated and
     normalised on construction; mistakes raise :class:`qmargin.errors.ConfigError` (a ``ValueError``).
@@ -97,6 +121,9 @@ class BitErrorModel:
     exclude: tuple[str, ...] = ()
     layer_types: tuple[str, ...] | None = None
     tensors: tuple[str, ...] | None = WEIGHT_TENSORS
+    storage: StorageFormat | None = None
+    saturate: bool | None = None
+    nested_max: float | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -104,6 +131,16 @@ class BitErrorModel:
         for name in ("p01", "p10"):
             value = getattr(self, name)
             put(self, name, None if value is None else _rate(name, value))
+        if self.storage is not None:
+            try:
+                put(self, "storage", check_storage(self.storage))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.saturate is not None and not isinstance(self.saturate, bool):
+            raise ConfigError(f"saturate must be True, False or None, got {self.saturate!r}")
+        if self.nested_max is not None:
+            RandomFlips(self.rate_01, self.rate_10, self.nested_max)  # validates it against the rates
+            put(self, "nested_max", _rate("nested_max", self.nested_max))
         stuck = StuckAt(self.stuck_at_0, self.stuck_at_1)  # validates both rates and their sum
         put(self, "stuck_at_0", stuck.stuck_at_0)
         put(self, "stuck_at_1", stuck.stuck_at_1)
@@ -134,7 +171,10 @@ class BitErrorModel:
 
     def fault_kinds(self) -> tuple[FaultKind, ...]:
         """The kinds that can change a bit, in the order ``inject`` applies them: flips, then stuck-at."""
-        kinds = (RandomFlips(self.rate_01, self.rate_10), StuckAt(self.stuck_at_0, self.stuck_at_1))
+        kinds = (
+            RandomFlips(self.rate_01, self.rate_10, self.nested_max),
+            StuckAt(self.stuck_at_0, self.stuck_at_1),
+        )
         return tuple(k for k in kinds if not k.is_null)
 
     @property
@@ -148,10 +188,16 @@ class BitErrorModel:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists); ``from_dict(to_dict())`` round-trips."""
+        """A JSON-ready dict (tuples become lists); ``from_dict(to_dict())`` round-trips.
+
+        ``storage``, ``saturate`` and ``nested_max`` appear only when set, so the dicts of models
+        without them (and the campaign settings that store them) are those of older versions.
+        """
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in _OPTIONAL and value is None:
+                continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -165,6 +211,21 @@ class BitErrorModel:
         if unknown:
             raise ConfigError(f"unknown bit error model keys {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+def word_format(error_model: object, spec: QuantSpec) -> tuple[StorageFormat, bool]:
+    """``(storage, saturate)`` of a tensor stored under ``spec`` as ``error_model`` sees it.
+
+    An error model's ``storage`` / ``saturate`` attributes, when present and not ``None``, override
+    the spec's (an evaluation-time choice of the memory's format); otherwise the spec's own apply.
+    Raises ``ConfigError`` for a non-default storage of asymmetric (unsigned) codes.
+    """
+    storage = getattr(error_model, "storage", None)
+    saturate = getattr(error_model, "saturate", None)
+    storage = spec.storage if storage is None else check_storage(storage)
+    if storage != spec.storage and not spec.symmetric:
+        raise ConfigError(f"storage {storage!r} applies to symmetric codes; these are unsigned ({spec})")
+    return storage, spec.saturate if saturate is None else bool(saturate)
 
 
 @dataclass(frozen=True)

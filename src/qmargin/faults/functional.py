@@ -362,6 +362,7 @@ def sample_flips(
     p10: float,
     seed: int | torch.Generator,
     protected_bits: Iterable[int] = (),
+    nested_max: float | None = None,
 ) -> BitSites:
     """Bits of ``codes`` that random bit errors flip: a stored 0 flips with ``p01``, a 1 with ``p10``.
 
@@ -369,25 +370,41 @@ def sample_flips(
     ``p_max = max(p01, p10)`` and each candidate bit is kept with probability ``p_v / p_max`` for its
     stored value v (thinning); a bit thus flips with probability ``p_max * p_v / p_max = p_v``,
     independently. O(K * b) for K candidate words.
+
+    Nested patterns (``nested_max = P``, ``P >= max(p01, p10)``): candidates are drawn at ``P`` and
+    candidate bit ``i`` is kept when its own uniform ``u_i < p_v / P``, whatever the rates (also when
+    they are equal). A bit flips with probability ``P * p_v / P = p_v``, independently: the law is the
+    same. The candidates and the ``u_i`` depend on the seed and ``P`` only, so for one seed the bits
+    flipped at lower rates are a subset of those flipped at higher ones (every rate ``<= P``).
     """
     signed = _check_codes(codes, bits)
     _check_seed_arg(seed)
     p01 = _check_rate("p01", p01)
     p10 = _check_rate("p10", p10)
     p_max = max(p01, p10)
+    if nested_max is not None:
+        top = _check_rate("nested_max", nested_max)
+        if p_max > top:
+            raise ValueError(f"rates p01={p01}, p10={p10} exceed nested_max={top}")
+        if p_max == 0.0:
+            return _empty_sites(codes.numel(), bits)
     g = make_generator(seed)
-    if p01 == p10:
+    if nested_max is None and p01 == p10:
         return sample_bit_sites(codes.numel(), bits, p_max, seed=g, protected_bits=protected_bits)
+    cand = p_max if nested_max is None else top
     thin = _substream(g)
-    sites = sample_bit_sites(codes.numel(), bits, p_max, seed=g, protected_bits=protected_bits)
+    sites = sample_bit_sites(codes.numel(), bits, cand, seed=g, protected_bits=protected_bits)
     if not len(sites):
         return sites
-    old = _flat_gather(codes, sites.index.to(codes.device)).cpu()
-    _check_representable(old, bits, signed)
-    value = _bit_matrix(to_words(old, bits), bits).bool()
     candidate = _bit_matrix(sites.mask, bits).bool()
-    ratios = torch.tensor([p01 / p_max, p10 / p_max], dtype=torch.float64)
-    keep_prob = ratios[value.long()]
+    if p01 == p10:  # nested, equal rates: no stored values needed
+        keep_prob = torch.full(candidate.shape, p01 / cand, dtype=torch.float64)
+    else:
+        old = _flat_gather(codes, sites.index.to(codes.device)).cpu()
+        _check_representable(old, bits, signed)
+        value = _bit_matrix(to_words(old, bits), bits).bool()
+        ratios = torch.tensor([p01 / cand, p10 / cand], dtype=torch.float64)
+        keep_prob = ratios[value.long()]
     u = torch.rand(keep_prob.shape, dtype=torch.float64, generator=thin)
     mask = _pack_bits(candidate & (u < keep_prob))
     nonzero = mask != 0

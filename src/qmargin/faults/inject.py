@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.errors import ConfigError
-from qmargin.faults.error_model import ErrorModel
+from qmargin.faults.error_model import ErrorModel, word_format
 from qmargin.faults.functional import WordPatch, _flat_gather, check_seed, derive_seed, make_generator
 from qmargin.faults.kinds import FaultKind
 from qmargin.quant import (
@@ -41,7 +41,15 @@ from qmargin.quant import (
     quantized_modules,
     tied_stored_tensors,
 )
-from qmargin.quant.codes import bit_differences, exposed_positions, protected_positions
+from qmargin.quant.codes import (
+    DEFAULT_STORAGE,
+    StorageFormat,
+    bit_differences,
+    exposed_positions,
+    from_words,
+    protected_positions,
+    to_words,
+)
 
 __all__ = ["inject", "select_tensors", "InjectionReport", "TensorFaults", "InjectionOrderError"]
 
@@ -272,10 +280,11 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
                 name, module, tensor = group[0]
                 token.push(module, tensor)
                 stored = module.stored(tensor)
+                storage, saturate = word_format(error_model, stored.spec)
                 report.tensors.append(
                     _corrupt_tensor(
                         stored.codes, stored.spec.bits, name, tensor, error_model.selection.protected_bits,
-                        kinds, seed, token.patches,
+                        kinds, seed, token.patches, storage=storage, saturate=saturate,
                     )
                 )
         yield report
@@ -292,8 +301,16 @@ def _corrupt_tensor(
     kinds: list[FaultKind],
     seed: int,
     applied: list[tuple[Tensor, WordPatch]],
+    *,
+    storage: StorageFormat = DEFAULT_STORAGE,
+    saturate: bool = False,
 ) -> TensorFaults:
-    """Apply ``kinds`` in order to one code tensor; appends the patches to ``applied``."""
+    """Apply ``kinds`` in order to one code tensor; appends the patches to ``applied``.
+
+    Two's complement without saturation (and every unsigned or 1-bit code) edits the codes
+    directly: the code tensor *is* the word tensor. Another format or a saturating decode runs the
+    kinds on the words (:func:`_corrupt_words`).
+    """
     try:
         protected = protected_positions(protected_bits, bits)
     except ValueError:
@@ -301,6 +318,10 @@ def _corrupt_tensor(
         raise ConfigError(
             f"protected bits {bad} do not exist in the {bits}-bit codes of {name}.{tensor}"
         ) from None
+    if kinds and (storage != DEFAULT_STORAGE or saturate) and codes.dtype == torch.int8 and bits > 1:
+        return _corrupt_words(
+            codes, bits, name, tensor, protected, kinds, seed, applied, storage=storage, saturate=saturate
+        )
     n_flipped = n_stuck = 0
     patches: list[WordPatch] = []
     for kind in kinds:
@@ -311,6 +332,56 @@ def _corrupt_tensor(
         n_flipped += result.n_flipped
         n_stuck += result.n_stuck
     n_changed = patches[0].n_changed if len(patches) == 1 else _net_changed(patches, codes, bits)
+    numel = codes.numel()
+    n_exposed = numel * len(exposed_positions(bits, protected))
+    return TensorFaults(name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed)
+
+
+def _corrupt_words(
+    codes: Tensor,
+    bits: int,
+    name: str,
+    tensor: str,
+    protected: frozenset[int],
+    kinds: list[FaultKind],
+    seed: int,
+    applied: list[tuple[Tensor, WordPatch]],
+    *,
+    storage: StorageFormat,
+    saturate: bool,
+) -> TensorFaults:
+    """:func:`_corrupt_tensor` for words in ``storage`` / with a saturating decode.
+
+    The kinds act, in order, on the stored words (a ``uint8`` copy, ``to_words(codes, bits, storage)``,
+    to them plain unsigned codes), so a later kind sees what memory holds (a ``-0`` of sign-magnitude,
+    a word saturation would clamp), not a re-encoded decode. The touched words are then decoded
+    (``from_words(..., storage, saturate)``) into ``codes`` as one patch. Same draws as the direct path
+    (the kinds get the same generators and shapes); O(n) for the word copy plus O(K).
+    """
+    words = to_words(codes, bits, storage)
+    if not torch.equal(from_words(words, bits, True, storage), codes):
+        bad = codes[from_words(words, bits, True, storage) != codes][0].item()
+        raise ConfigError(f"{name}.{tensor}: code {bad} has no {bits}-bit {storage} word")
+    n_flipped = n_stuck = 0
+    word_patches: list[WordPatch] = []
+    for kind in kinds:
+        generator = make_generator(derive_seed(seed, name, tensor, *kind.stream))
+        result = kind.apply_(words, bits, generator, protected)
+        word_patches.append(result.patch)
+        n_flipped += result.n_flipped
+        n_stuck += result.n_stuck
+    index = torch.cat([p.index for p in word_patches]) if word_patches else torch.empty(0, dtype=torch.int64)
+    n_changed = 0
+    if index.numel():
+        index, first = _first_occurrence(index)
+        old_words = torch.cat([p.old for p in word_patches])[first]
+        new_words = _flat_gather(words, index)
+        n_changed = bit_differences(old_words, new_words, bits)
+        old = _flat_gather(codes, index)
+        new = from_words(new_words, bits, True, storage, saturate)
+        patch = WordPatch(index, old, new, bits)
+        patch.apply_(codes)
+        applied.append((codes, patch))
     numel = codes.numel()
     n_exposed = numel * len(exposed_positions(bits, protected))
     return TensorFaults(name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed)

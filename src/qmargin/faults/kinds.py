@@ -133,15 +133,35 @@ class RandomFlips(FaultKind):
     process (exact sparse sampler, :func:`qmargin.faults.sample_bit_sites`); unequal rates draw
     candidates at ``p_max = max(p01, p10)`` and keep each with ``p_v / p_max`` for its stored value
     ``v``, so a bit flips with probability ``p_max * p_v / p_max = p_v``.
+
+    ``nested_max = P`` (nested patterns): candidates are drawn at ``P >= max(p01, p10)`` and each
+    candidate bit is kept when its own uniform is below ``p_v / P``; same law, and for one seed the
+    bits flipped at a lower rate are a subset of those flipped at a higher one (every rate ``<= P``).
+    Without it (``None``, the default) the patterns are those of the plain sampler.
     """
 
     p01: float
     p10: float
+    nested_max: float | None = None
     stream: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p01", _rate("p01", self.p01))
         object.__setattr__(self, "p10", _rate("p10", self.p10))
+        if self.nested_max is not None:
+            top = _rate("nested_max", self.nested_max)
+            if top == 0.0:
+                raise ConfigError("nested_max must be positive (the largest rate of the grid)")
+            if max(self.p01, self.p10) > top:
+                raise ConfigError(f"rates p01={self.p01}, p10={self.p10} exceed nested_max={top}")
+            object.__setattr__(self, "nested_max", top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`FaultKind.to_dict`; ``nested_max`` only when set (older files lack it)."""
+        out = super().to_dict()
+        if out.get("nested_max") is None:
+            out.pop("nested_max", None)
+        return out
 
     @property
     def is_null(self) -> bool:
@@ -151,7 +171,8 @@ class RandomFlips(FaultKind):
         self, codes: Tensor, bits: int, generator: torch.Generator, protected: frozenset[int]
     ) -> FaultResult:
         sites = sample_flips(
-            codes, bits, p01=self.p01, p10=self.p10, seed=generator, protected_bits=protected
+            codes, bits, p01=self.p01, p10=self.p10, seed=generator, protected_bits=protected,
+            nested_max=self.nested_max,
         )
         return FaultResult(flip_bits_(codes, bits, sites), n_flipped=sites.n_bits)
 

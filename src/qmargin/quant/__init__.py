@@ -3,6 +3,7 @@
 Imports nothing else of qmargin; its errors (:mod:`qmargin.quant.errors`) are ``ValueError`` s.
 """
 
+from qmargin.quant.codes import STORAGE_FORMATS, StorageFormat
 from qmargin.quant.convert import (
     IntegerState,
     StoredRef,
@@ -30,6 +31,8 @@ from qmargin.quant.spec import QuantSpec
 
 __all__ = [
     "QuantSpec",
+    "StorageFormat",
+    "STORAGE_FORMATS",
     "quantize",
     "dequantize",
     "fake_quantize",

@@ -7,6 +7,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from qmargin.quant.codes import DEFAULT_STORAGE, StorageFormat, check_storage
 from qmargin.quant.errors import QuantConfigError
 
 
@@ -25,16 +26,27 @@ class QuantSpec:
         per_channel: one scale (and zero point) per output channel (dim 0) instead of one per tensor.
         w_max: weight clipping. When set, the clip range is ``[-w_max, w_max]`` and
             ``scale = w_max / qmax`` instead of ``max|w| / qmax``.
+        storage: how a symmetric code is laid out in its word in memory (docs/bit-conventions.md):
+            ``"twos"`` (two's complement, the default), ``"offset"`` (offset binary ``code + 2**(b-1)``,
+            unsigned, as Stutz et al. store codes) or ``"sign_magnitude"``. The codes, and so the
+            clean model, are the same in every format; what a bit error does to a code differs.
+            Asymmetric codes are plain unsigned words: they take ``"twos"`` only (the default).
+        saturate: saturating decode: a corrupted word that decodes outside ``[-qmax, qmax]`` reads
+            as the nearest end of it (only the word of ``-2**(b-1)`` can).
 
     Every field is type-checked on construction: ``bits`` an ``int`` (not a ``bool``), ``symmetric``
     and ``per_channel`` a ``bool`` (not a truthy string or int), ``w_max`` ``None`` or a finite
-    positive real (stored as ``float``). Mistakes raise :class:`qmargin.quant.errors.QuantConfigError`.
+    positive real (stored as ``float``), ``storage`` one of :data:`qmargin.quant.codes.STORAGE_FORMATS`
+    (``"sign-magnitude"`` is read as ``"sign_magnitude"``), ``saturate`` a ``bool``. Mistakes raise
+    :class:`qmargin.quant.errors.QuantConfigError`.
     """
 
     bits: int
     symmetric: bool = True
     per_channel: bool = False
     w_max: float | None = None
+    storage: StorageFormat = DEFAULT_STORAGE
+    saturate: bool = False
 
     def __post_init__(self) -> None:
         # Every field is checked for its type, not its truthiness: ``symmetric="no"`` is a mistake,
@@ -47,7 +59,7 @@ class QuantSpec:
             raise QuantConfigError(
                 f"bits must be in 1..8 for stored weights (1..16 for precision studies), got {self.bits}"
             )
-        for name in ("symmetric", "per_channel"):
+        for name in ("symmetric", "per_channel", "saturate"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise QuantConfigError(f"{name} must be True or False, got {value!r}")
@@ -60,6 +72,15 @@ class QuantSpec:
             if not (math.isfinite(float(w_max)) and float(w_max) > 0):
                 raise QuantConfigError(f"w_max must be positive and finite, got {w_max}")
             object.__setattr__(self, "w_max", float(w_max))
+        try:
+            object.__setattr__(self, "storage", check_storage(self.storage))
+        except ValueError as e:
+            raise QuantConfigError(str(e)) from None
+        if not self.symmetric and self.storage != DEFAULT_STORAGE:
+            raise QuantConfigError(
+                f"storage {self.storage!r} is a format of symmetric codes; "
+                "asymmetric codes are unsigned words"
+            )
 
     @property
     def qmin(self) -> int:
@@ -81,7 +102,15 @@ class QuantSpec:
         return self.qmax - self.qmin + 1 if self.bits > 1 else 2
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``storage`` and ``saturate`` only when not the default, so specs
+        written before they existed (which load as two's complement without saturation) and new
+        default specs serialise alike."""
+        out = asdict(self)
+        if self.storage == DEFAULT_STORAGE:
+            del out["storage"]
+        if not self.saturate:
+            del out["saturate"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
