@@ -71,14 +71,14 @@ def main() -> None:
         model, xte, yte, bers=[0.0, 0.02, 0.1], repeats=4, base_seed=11, batch_size=128,
         out_path=HERE / "plain.json", config={"fixture": "plain"},
     )
-    class Stop(Exception):
+    class Stop(Exception):  # noqa: N818
         pass
 
     def stop_after_6(progress: object) -> None:
         if getattr(progress, "done", 0) == 6:
             raise Stop
 
-    try:  # the same campaign interrupted after 6 of its 12 patterns (status "partial")
+    try:  # noqa: SIM105  (the same campaign stopped after 6 of its 12 patterns: status "partial")
         run_ber_campaign(
             model, xte, yte, bers=[0.0, 0.02, 0.1], repeats=4, base_seed=11, batch_size=128,
             out_path=HERE / "plain_partial.json", config={"fixture": "plain"}, progress=stop_after_6,
