@@ -90,11 +90,13 @@ def test_compare_table(two_results):
     assert table.row_count == 1 + 5
     md = format_markdown_table(two_results, compare=True).splitlines()
     a = two_results[0][1]["results"][3]
-    assert md[2] == "| clean | 98.10 | 97.50 |"
     assert md[3].startswith("| 0 | ") and md[3].endswith(" | - |")  # model b has no BER-0 row
     b = two_results[1][1]["results"][2]
     cells = [f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}" for e in (a, b)]
+    best = 0 if a["mean"] > b["mean"] else 1  # the higher mean accuracy is marked
+    cells[best] += " *"
     assert md[6] == f"| 0.01 | {cells[0]} | {cells[1]} |"
+    assert md[2] == "| clean | 98.10 * | 97.50 |" and md[-1] == "*: best of the row"
 
 
 def test_partial_results_render():

@@ -26,7 +26,15 @@ from matplotlib.figure import Figure
 
 from qmargin.errors import ConfigError
 from qmargin.files import atomic_path
-from qmargin.report.tables import Result, Results, as_labelled
+from qmargin.report.tables import (
+    Result,
+    Results,
+    as_labelled,
+    clean_value,
+    entry_values,
+    metric_label,
+    metric_of,
+)
 
 __all__ = ["plot_accuracy_vs_ber", "plot_mondeq_margin_vs_bits", "plot_mondeq_displacement", "save_png"]
 
@@ -34,7 +42,7 @@ __all__ = ["plot_accuracy_vs_ber", "plot_mondeq_margin_vs_bits", "plot_mondeq_di
 def _series(res: Result) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
     """BER, mean, std, min, max over the completed positive-BER grid points, sorted by BER."""
     rows = sorted(
-        (e for e in res["results"] if e.get("accuracies") and float(e["ber"]) > 0),
+        (e for e in res["results"] if entry_values(e) and float(e["ber"]) > 0),
         key=lambda e: float(e["ber"]),
     )
     return (
@@ -55,10 +63,18 @@ def plot_accuracy_vs_ber(
     percent: bool = True,
     dpi: int = 150,
 ) -> Path:
-    """Accuracy vs BER of one or several campaign results, saved as a PNG at ``path``; returns it."""
+    """Accuracy (or the results' metric) vs BER of one or several campaign results, saved as a PNG
+    at ``path``; returns it. Fractions are drawn in percent on ``[0, 100]``; other metrics on their
+    own scale, the axis label saying whether higher or lower is better."""
     if band not in ("minmax", "std"):
         raise ConfigError(f"band must be 'minmax' or 'std', got {band!r}")
     items = as_labelled(results)
+    metric = metric_of(items[0][1])
+    fraction = bool(metric["fraction"])
+    percent = percent and fraction
+    label = metric_label(metric) + (" (%)" if percent else "")
+    if metric["name"] != "top1":
+        label += ", higher is better" if metric["higher_is_better"] else ", lower is better"
     k = 100.0 if percent else 1.0
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -66,14 +82,14 @@ def plot_accuracy_vs_ber(
     cycle = [f"C{i}" for i in range(10)]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     any_positive = False
-    for i, (label, res) in enumerate(items):
+    for i, (name_i, res) in enumerate(items):
         color = cycle[i % len(cycle)]
         marker = markers[i % len(markers)]
-        name = label or "mean accuracy"
+        name = name_i or f"mean {metric_label(metric)}"
         offset = (i - (len(items) - 1) / 2) * min(0.15, 0.7 / len(items))
-        ax0.plot([offset], [k * float(res["clean_accuracy"])], marker=marker, color=color, ls="none", ms=7)
-        zero = next((e for e in res["results"] if float(e["ber"]) == 0 and e.get("accuracies")), None)
-        if zero is not None and not (zero["min"] == zero["max"] == res["clean_accuracy"]):
+        ax0.plot([offset], [k * clean_value(res)], marker=marker, color=color, ls="none", ms=7)
+        zero = next((e for e in res["results"] if float(e["ber"]) == 0 and entry_values(e)), None)
+        if zero is not None and not (zero["min"] == zero["max"] == clean_value(res)):
             m = float(zero["mean"])
             ax0.errorbar(
                 [offset],
@@ -90,14 +106,17 @@ def plot_accuracy_vs_ber(
             continue
         any_positive = True
         if band == "std":
-            lo = [max(0.0, m - s) for m, s in zip(mean, std, strict=True)]
-            hi = [min(1.0, m + s) for m, s in zip(mean, std, strict=True)]
+            lo = [m - s for m, s in zip(mean, std, strict=True)]
+            hi = [m + s for m, s in zip(mean, std, strict=True)]
+            if fraction:  # shares stay in [0, 1]
+                lo, hi = [max(0.0, v) for v in lo], [min(1.0, v) for v in hi]
         ax.fill_between(bers, [k * v for v in lo], [k * v for v in hi], color=color, alpha=0.18, lw=0)
         ax.plot(bers, [k * v for v in mean], marker=marker, color=color, label=name, ms=5, lw=1.6)
     ax0.set_xlim(-0.5, 0.5)
     ax0.set_xticks([0.0], ["clean\n(p = 0)"])
-    ax0.set_ylabel("accuracy (%)" if percent else "accuracy")
-    ax0.set_ylim(-0.02 * k, 1.02 * k)
+    ax0.set_ylabel(label)
+    if fraction:
+        ax0.set_ylim(-0.02 * k, 1.02 * k)
     ax0.grid(True, axis="y", alpha=0.3)
     if any_positive:
         ax.set_xscale("log")
@@ -107,7 +126,7 @@ def plot_accuracy_vs_ber(
     band_txt = "min-max over patterns" if band == "minmax" else "mean ± std over patterns"
     if any_positive:
         ax.legend(
-            loc="lower left",
+            loc="lower left" if metric["higher_is_better"] else "upper left",
             fontsize=9,
             frameon=True,
             title=f"line: mean; band: {band_txt}",

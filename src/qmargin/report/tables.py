@@ -1,14 +1,18 @@
 """Tables of bit-error campaign results (design.md §4): rich tables and markdown.
 
-Inputs are the plain result dicts of :func:`qmargin.experiments.run_ber_campaign` (or the JSON it
-wrote): either one result or a list of ``(label, result)`` pairs. Accuracies are shown in percent
-by default (``100 * a``); a BER row shows the mean ``a_bar_p``, the population standard deviation,
-the minimum and maximum over the ``R`` patterns. The first row of every model is its clean accuracy.
+Inputs are the plain result dicts of :func:`qmargin.engine.run_campaign` (or the JSON it wrote):
+either one result or a list of ``(label, result)`` pairs. Fractions (top-1, top-k accuracy) are
+shown in percent by default (``100 * a``), other metrics (cross-entropy, user metrics) as they are;
+a BER row shows the mean ``a_bar_p``, the population standard deviation, the minimum and maximum
+over the ``R`` patterns. The first row of every model is its clean value. The result's ``metric``
+(absent: top-1) names the metric and says whether higher is better: tables of another metric than
+top-1 say so in their caption, and the compare table marks the best model of every row (``*``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,15 +22,60 @@ from rich.table import Table
 
 from qmargin.errors import ConfigError
 
-__all__ = ["ber_table", "compare_table", "format_markdown_table", "render_text", "as_labelled", "format_ber"]
+__all__ = [
+    "ber_table",
+    "compare_table",
+    "format_markdown_table",
+    "render_text",
+    "as_labelled",
+    "format_ber",
+    "metric_of",
+    "metric_label",
+    "clean_value",
+    "entry_values",
+]
 
 Result = Mapping[str, Any]
 Results = Result | Sequence[tuple[str, Result]]
 DASH = "-"
+BEST = " *"
+_TOP1 = {"name": "top1", "higher_is_better": True, "fraction": True}
+
+
+def metric_of(res: Result) -> dict[str, Any]:
+    """The result's metric (``name``, ``higher_is_better``, ``fraction``, options); top-1 when absent
+    (files written before metrics were recorded)."""
+    m = res.get("metric")
+    return {**_TOP1, **m} if isinstance(m, Mapping) else dict(_TOP1)
+
+
+def metric_label(metric: Mapping[str, Any]) -> str:
+    """``accuracy``, ``top-5 accuracy``, ``cross_entropy``, a user metric's name."""
+    name = str(metric.get("name"))
+    if name == "top1":
+        return "accuracy"
+    if name == "topk":
+        return f"top-{metric.get('k')} accuracy"
+    return name
+
+
+def clean_value(res: Result) -> float:
+    """The clean value: ``clean_accuracy`` (top-1) or ``clean_value`` (other metrics)."""
+    return float(res["clean_accuracy"] if "clean_accuracy" in res else res["clean_value"])
+
+
+def entry_values(entry: Mapping[str, Any]) -> list[float]:
+    """Per-pattern values of a BER entry: ``accuracies`` (top-1) or ``values``."""
+    return list(entry.get("accuracies", entry.get("values", [])))
+
+
+def _identity(metric: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metric.items() if k not in ("higher_is_better", "fraction")}
 
 
 def as_labelled(results: Results) -> list[tuple[str, Result]]:
-    """``[(label, result), ...]`` from one result (label ``""``) or a list of pairs; checks the shape."""
+    """``[(label, result), ...]`` from one result (label ``""``) or a list of pairs; checks the shape
+    and that every result uses the same metric."""
     if isinstance(results, Mapping):
         items: list[tuple[str, Result]] = [("", results)]
     else:
@@ -38,10 +87,29 @@ def as_labelled(results: Results) -> list[tuple[str, Result]]:
     if not items:
         raise ConfigError("no campaign results given")
     for label, res in items:
-        for key in ("clean_accuracy", "results"):
-            if key not in res:
-                raise ConfigError(f"result {label!r} is not a campaign result (no {key!r})")
+        if "results" not in res:
+            raise ConfigError(f"result {label!r} is not a campaign result (no 'results')")
+        if "clean_accuracy" not in res and "clean_value" not in res:
+            raise ConfigError(f"result {label!r} is not a campaign result (no 'clean_accuracy')")
+    metrics = {json.dumps(_identity(metric_of(r)), sort_keys=True) for _, r in items}
+    if len(metrics) > 1:
+        names = sorted({metric_label(metric_of(r)) for _, r in items})
+        raise ConfigError(
+            f"the results measure different metrics ({', '.join(names)}); compare like with like"
+        )
     return items
+
+
+def _percent(items: list[tuple[str, Result]], percent: bool) -> bool:
+    """Percent only for fractions."""
+    return percent and bool(metric_of(items[0][1])["fraction"])
+
+
+def _caption(items: list[tuple[str, Result]]) -> str | None:
+    m = metric_of(items[0][1])
+    if m["name"] == "top1":
+        return None
+    return f"metric: {metric_label(m)} ({'higher' if m['higher_is_better'] else 'lower'} is better)"
 
 
 def format_ber(ber: float) -> str:
@@ -68,6 +136,7 @@ def _mean_failures(res: Mapping[str, Any]) -> str:
 
 def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str], list[list[str]], set[int]]:
     """Headers, rows (strings) and indices of the text (left-aligned) columns of the BER table."""
+    percent = _percent(items, percent)
     labelled = any(label for label, _ in items)
     failures = any("clean_failures" in r or any("failures" in e for e in r["results"]) for _, r in items)
     unit = " (%)" if percent else ""
@@ -84,7 +153,7 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
     rows: list[list[str]] = []
     for label, res in items:
         prefix = [label] if labelled else []
-        clean = [*prefix, "clean", _acc(res["clean_accuracy"], percent), DASH, DASH, DASH, DASH]
+        clean = [*prefix, "clean", _acc(clean_value(res), percent), DASH, DASH, DASH, DASH]
         if failures:
             cf = res.get("clean_failures")
             clean.append(DASH if cf is None else f"{cf:.1f}" if isinstance(cf, float) else str(cf))
@@ -92,7 +161,7 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
         for e in res["results"]:
             row = [*prefix, format_ber(e["ber"])]
             row += [_acc(e.get(k), percent) for k in ("mean", "std", "min", "max")]
-            row.append(str(len(e.get("accuracies", []))))
+            row.append(str(len(entry_values(e))))
             if failures:
                 row.append(_mean_failures(e))
             rows.append(row)
@@ -102,20 +171,39 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
 def _compare_rows(
     items: list[tuple[str, Result]], percent: bool
 ) -> tuple[list[str], list[list[str]], set[int]]:
+    percent = _percent(items, percent)
+    higher = bool(metric_of(items[0][1])["higher_is_better"])
     bers = sorted({float(e["ber"]) for _, r in items for e in r["results"]})
     headers = ["BER"] + [label or f"model {i + 1}" for i, (label, _) in enumerate(items)]
-    rows = [["clean"] + [_acc(r["clean_accuracy"], percent) for _, r in items]]
+
+    def marked(cells: list[str], means: list[float | None]) -> list[str]:
+        """Mark the best mean of the row (several models; ties all marked)."""
+        known = [m for m in means if m is not None and not math.isnan(m)]
+        if len(items) < 2 or len(known) < 2:
+            return cells
+        best = max(known) if higher else min(known)
+        return [c + BEST if m == best else c for c, m in zip(cells, means, strict=True)]
+
+    cleans: list[float | None] = [clean_value(r) for _, r in items]
+    rows = [["clean"] + marked([_acc(v, percent) for v in cleans], cleans)]
     for ber in bers:
-        row = [format_ber(ber)]
+        cells, means = [], []
         for _, r in items:
             e = next((e for e in r["results"] if float(e["ber"]) == ber), None)
-            row.append(DASH if e is None else _pm(e.get("mean"), e.get("std"), percent))
-        rows.append(row)
+            cells.append(DASH if e is None else _pm(e.get("mean"), e.get("std"), percent))
+            means.append(None if e is None or e.get("mean") is None else float(e["mean"]))
+        rows.append([format_ber(ber)] + marked(cells, means))
     return headers, rows, {0}
 
 
-def _rich(headers: list[str], rows: list[list[str]], text_cols: set[int], title: str | None) -> Table:
-    table = Table(title=title)
+def _rich(
+    headers: list[str],
+    rows: list[list[str]],
+    text_cols: set[int],
+    title: str | None,
+    caption: str | None = None,
+) -> Table:
+    table = Table(title=title, caption=caption)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i in text_cols else "right")
     for row in rows:
@@ -124,13 +212,20 @@ def _rich(headers: list[str], rows: list[list[str]], text_cols: set[int], title:
 
 
 def ber_table(results: Results, *, title: str | None = None, percent: bool = True) -> Table:
-    """Clean accuracy and per-BER mean / std / min / max accuracy (one block of rows per model)."""
-    return _rich(*_ber_rows(as_labelled(results), percent), title)
+    """Clean value and per-BER mean / std / min / max of the metric (one block of rows per model)."""
+    items = as_labelled(results)
+    return _rich(*_ber_rows(items, percent), title, _caption(items))
 
 
 def compare_table(results: Results, *, title: str | None = None, percent: bool = True) -> Table:
-    """Models side by side: one column per model, rows clean and every BER (``mean ± std``)."""
-    return _rich(*_compare_rows(as_labelled(results), percent), title)
+    """Models side by side: one column per model, rows clean and every BER (``mean ± std``); the best
+    model of each row (highest mean, or lowest where the metric says lower is better) marked ``*``."""
+    items = as_labelled(results)
+    caption = _caption(items)
+    if len(items) > 1:
+        best = "*: best of the row"
+        caption = f"{caption}; {best}" if caption else best
+    return _rich(*_compare_rows(items, percent), title, caption)
 
 
 def format_markdown_table(results: Results, *, compare: bool = False, percent: bool = True) -> str:
@@ -144,6 +239,9 @@ def format_markdown_table(results: Results, *, compare: bool = False, percent: b
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |"]
     lines.append("|" + "|".join("---" if i in text_cols else "---:" for i in range(len(headers))) + "|")
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    notes = [n for n in (_caption(items), "*: best of the row" if compare and len(items) > 1 else None) if n]
+    if notes:
+        lines += ["", "; ".join(notes)]
     return "\n".join(lines) + "\n"
 
 

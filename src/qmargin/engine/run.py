@@ -1,0 +1,311 @@
+"""Running a campaign: the grid's cells evaluated on one model, stored and resumed (design.md §4).
+
+For every BER ``p`` of the grid and every pattern ``r = 0 .. R-1``: inject bit errors seeded
+``s_r = base_seed + r`` into the stored integer codes (:mod:`qmargin.engine.grid`), reduce the metric
+over the data (:mod:`qmargin.engine.cells`), restore the codes exactly. The clean value (no
+injection) is measured once. After the clean pass and after every pattern the result is written
+atomically (``"status": "partial"``) and a rerun with identical settings continues where it stopped.
+
+:func:`stress` is the one call for the common case; :func:`run_campaign` takes an
+:class:`~qmargin.engine.evaluation.Evaluation` and every option.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import qmargin
+from qmargin.engine.cells import (
+    evaluate_cell,
+    evaluate_cells_stacked,
+    evaluate_pass,
+    prepared,
+    reports_convergence,
+)
+from qmargin.engine.evaluation import Evaluation, hash_tensor
+from qmargin.engine.grid import Grid, check_positive_int
+from qmargin.engine.store import (
+    CampaignState,
+    campaign_csv_path,
+    csv_text,
+    dumps,
+    jsonable,
+    load_campaign,
+    settings_diff,
+    upgrade,
+)
+from qmargin.errors import CheckpointError, ConfigError, DataError
+from qmargin.files import check_outputs, holds_lock, write_text_atomic
+from qmargin.quant import quantized_modules
+
+__all__ = ["CampaignProgress", "run_campaign", "stress", "model_fingerprint", "DEFAULT_REPEATS"]
+
+DEFAULT_REPEATS = 10
+
+
+@dataclass(frozen=True)
+class CampaignProgress:
+    """What the ``progress`` callback receives after each completed pattern.
+
+    ``done``/``total`` count patterns (``len(bers) * repeats``), including the ones a resumed run
+    found already finished. ``accuracy`` is the pattern's metric value (top-1 accuracy by default;
+    also available as ``value``)."""
+
+    done: int
+    total: int
+    ber: float
+    pattern: int
+    seed: int
+    accuracy: float
+
+    @property
+    def value(self) -> float:
+        return self.accuracy
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the state dict plus the live integer codes (a rerun must evaluate the same model)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        hash_tensor(h, name, t)
+    for mname, m in quantized_modules(model):
+        if m.frozen:
+            for tname in m.quant_specs:
+                hash_tensor(h, f"{mname}.{tname}_codes", m.stored(tname).codes)
+    return h.hexdigest()
+
+
+def _mismatch(path: Path, diff: list[str]) -> ConfigError:
+    return ConfigError(
+        f"{path} holds a campaign with other settings: {'; '.join(diff)} (stored -> now); "
+        "use another output path or overwrite"
+    )
+
+
+@holds_lock("out_path", kind="file")  # one process per result file, for the whole campaign
+def run_campaign(
+    model: nn.Module,
+    evaluation: Evaluation,
+    *,
+    bers: Sequence[float],
+    repeats: int,
+    base_seed: int,
+    error_model: Any = None,
+    out_path: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    progress: Callable[[CampaignProgress], None] | None = None,
+    count_failures: bool | None = None,
+    overwrite: bool = False,
+    patterns_per_pass: int = 1,
+    weights: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A campaign of ``model`` on ``evaluation`` over the grid ``bers`` x ``repeats`` patterns.
+
+    Args:
+        model: a model with quantized layers (``qmargin.quant.QuantizedTensors``), evaluated on its
+            stored integer codes on ``evaluation.device`` in eval mode; layers not frozen yet are
+            frozen for the campaign and unfrozen at the end; the training mode is restored.
+        evaluation: data and metric (:class:`~qmargin.engine.evaluation.Evaluation`).
+        bers: the BER grid (each finite in ``[0, 1]``, no duplicates; order kept).
+        repeats: patterns ``R`` per BER, ``1 .. MAX_REPEATS`` (100000).
+        base_seed: pattern ``r`` uses seed ``base_seed + r`` at every BER (paired comparisons).
+        error_model: the template (``BitErrorModel`` or any ``ErrorModelTemplate``), its BER replaced
+            by each grid value. Default ``BitErrorModel(ber=0)``: every bit of every stored weight.
+        out_path: result JSON (partial after every pattern, atomically; a CSV beside it at the end,
+            :func:`~qmargin.engine.store.campaign_csv_path`). An existing file with identical
+            settings is resumed; otherwise a one-line ``ConfigError`` names each differing setting
+            with its stored and new value, unless ``overwrite``. The file is locked while running.
+        config: the resolved run configuration (JSON), stored as a setting.
+        progress: called with a :class:`CampaignProgress` after every completed pattern.
+        count_failures: count non-converged samples (``converged`` protocol); ``None`` = when the
+            model exposes the flags.
+        overwrite: discard an existing ``out_path`` whose settings differ instead of raising.
+        patterns_per_pass: evaluate up to this many patterns of one BER per pass over the data
+            (``torch.func.vmap`` over stacked codes; memory grows by this factor); ignored (1) when
+            failures are counted.
+        weights: the record of the weights file the model was loaded from, stored as ``"weights"``.
+
+    Returns the result dict (the JSON content, :mod:`qmargin.engine.store`).
+    """
+    from qmargin.faults import BitErrorModel, select_tensors
+
+    if not isinstance(evaluation, Evaluation):
+        raise ConfigError(f"evaluation must be a qmargin.engine.Evaluation, got {type(evaluation).__name__}")
+    if out_path is not None:
+        check_outputs({"result JSON": out_path, "CSV": campaign_csv_path(out_path)})
+    grid = Grid.make(bers, repeats, base_seed)
+    check_positive_int("patterns_per_pass", patterns_per_pass)
+    template = BitErrorModel(ber=0.0) if error_model is None else error_model
+    if getattr(template, "p01", None) is not None and getattr(template, "p10", None) is not None:
+        raise ConfigError(
+            "the error model template fixes both p01 and p10, so the BER grid would change nothing"
+        )
+    cfg = jsonable(config or {})
+    with prepared(model, evaluation.device):
+        select_tensors(model, template)  # fail fast when the template selects no stored tensor
+        if count_failures is None:
+            count_failures = reports_convergence(model, evaluation)
+        em_dict = dict(template.to_dict())
+        em_dict["ber"] = None
+        fingerprint: dict[str, str | None] = {"model_sha256": model_fingerprint(model)}
+        known = evaluation.known_fingerprint()
+        fingerprint.update(known if known is not None else {"data_sha256": None})
+        n_known = evaluation.known_size()
+        per_pass = 1 if count_failures else patterns_per_pass
+        settings: dict[str, Any] = {
+            "bers": list(grid.bers),
+            "repeats": grid.repeats,
+            "base_seed": grid.base_seed,
+            "seeds": grid.seeds,
+            "error_model": jsonable(em_dict),
+            "config": cfg,
+            "fingerprint": fingerprint,
+            "evaluation": {
+                "n_test": n_known,
+                **evaluation.settings(),
+                "count_failures": bool(count_failures),
+                "patterns_per_pass": per_pass,
+                "seed_scheme": "pattern r uses seed base_seed + r at every BER",
+                "data_fingerprint": "identity" if evaluation.identity is not None else "sha256",
+            },
+            "metric": jsonable(evaluation.metric.to_dict(), "metric"),
+            "qmargin_version": qmargin.__version__,
+        }
+        if weights is not None:
+            settings["weights"] = dict(weights)
+        path = Path(out_path) if out_path is not None else None
+        old = _stored(path, overwrite)
+        pending = ([] if known else ["fingerprint.data_sha256"]) + ([] if n_known else ["evaluation.n_test"])
+        if old is not None and path is not None:
+            diff = settings_diff(old, settings, skip=pending)
+            if diff:
+                if not overwrite:
+                    raise _mismatch(path, diff)
+                old = None
+        state = CampaignState(grid, settings)
+        t_start = time.perf_counter()
+
+        def elapsed() -> float:
+            return time.perf_counter() - t_start
+
+        if old is None or pending:
+            clean = evaluate_pass(model, evaluation, count_failures=count_failures, fingerprint=known is None)
+            if known is None:
+                fingerprint["data_sha256"] = clean.data_sha256
+            if n_known is None:
+                settings["evaluation"]["n_test"] = clean.n
+            if old is not None and path is not None:
+                diff = settings_diff(old, settings)
+                if diff:
+                    if not overwrite:
+                        raise _mismatch(path, diff)
+                    old = None
+            if old is None:
+                state.record_clean(clean)
+        if old is not None:
+            state.resume_from(old)
+        elif path is not None:
+            state.write(path, elapsed())
+
+        n_test = settings["evaluation"]["n_test"]
+        total = grid.size
+        done = state.done
+        for k, _ber in enumerate(grid.bers):
+            todo = [r for r in range(grid.repeats) if r not in state.values[k]]
+            for i in range(0, len(todo), per_pass):
+                cells = [grid.cell(k, r) for r in todo[i : i + per_pass]]
+                if per_pass == 1:
+                    outcomes = [
+                        evaluate_cell(model, evaluation, template, cells[0], count_failures=count_failures)
+                    ]
+                else:
+                    outcomes = evaluate_cells_stacked(model, evaluation, template, cells)
+                for outcome in outcomes:
+                    if outcome.result.n != n_test:
+                        raise DataError(
+                            f"the data changed between passes: {n_test} samples, then {outcome.result.n}"
+                        )
+                    state.record(outcome)
+                    done += 1
+                    if path is not None:
+                        state.write(path, elapsed())
+                    if progress is not None:
+                        c = outcome.cell
+                        assert c is not None
+                        progress(CampaignProgress(done, total, c.ber, c.pattern, c.seed, outcome.value))
+        result = state.result(elapsed())
+        if path is not None:
+            write_text_atomic(path, dumps(result))
+            write_text_atomic(campaign_csv_path(path), csv_text(result))
+        return result
+
+
+def _stored(path: Path | None, overwrite: bool) -> dict[str, Any] | None:
+    """The existing result at ``path`` (upgraded to the current schema), ``None`` when absent."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return upgrade(load_campaign(path))
+    except CheckpointError as err:
+        if overwrite:
+            return None
+        raise ConfigError(
+            f"{path} exists and is not a valid campaign result ({err}); pass overwrite to replace it"
+        ) from None
+
+
+def stress(
+    model: nn.Module,
+    data: Any,
+    *,
+    bers: Sequence[float],
+    repeats: int = DEFAULT_REPEATS,
+    metric: Any = "top1",
+    base_seed: int = 0,
+    error_model: Any = None,
+    out: str | Path | None = None,
+    identity: str | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    patterns_per_pass: int = 1,
+    count_failures: bool | None = None,
+    overwrite: bool = False,
+    progress: Callable[[CampaignProgress], None] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stress-test a quantized ``model`` under random bit errors: the one call for the common case.
+
+    ``data`` is ``(x, y)`` tensors, any re-iterable of ``(inputs, targets)`` batches (a
+    ``torch.utils.data.DataLoader``; inputs a tensor, tuple or dict) or a factory of one; it is
+    streamed, never held. ``metric``: ``"top1"`` (default), ``"topK"`` (e.g. ``"top5"``),
+    ``"cross_entropy"``, or a callable ``fn(outputs, targets) -> (sum, count)``. Pattern ``r`` is
+    seeded ``base_seed + r`` at every BER. ``out``: a JSON file to write and resume. ``identity``
+    names the data instead of hashing it. Everything else as :func:`run_campaign`.
+
+    Returns the result dict: ``clean_accuracy`` and per BER ``accuracies`` (top-1) or
+    ``clean_value`` / ``values`` (other metrics) with ``mean``/``std``/``min``/``max``, the
+    settings and ``metric`` (name, ``higher_is_better``).
+    """
+    evaluation = Evaluation(data, metric, identity=identity, batch_size=batch_size, device=device)
+    return run_campaign(
+        model,
+        evaluation,
+        bers=bers,
+        repeats=repeats,
+        base_seed=base_seed,
+        error_model=error_model,
+        out_path=out,
+        config=config,
+        progress=progress,
+        count_failures=count_failures,
+        overwrite=overwrite,
+        patterns_per_pass=patterns_per_pass,
+    )

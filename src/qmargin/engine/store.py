@@ -1,0 +1,410 @@
+"""Campaign results on disk: settings, fingerprints, atomic writes, resume, validation, merging.
+
+A result file (JSON) holds the settings of a campaign (``SETTINGS_KEYS``), its clean value and per
+BER the per-pattern values ``a_{p,r}`` with their mean, population standard deviation
+``sqrt(mean_r (a_{p,r} - mean)^2)`` (``ddof = 0``, so ``R = 1`` gives 0, not NaN), minimum and maximum.
+Top-1 values are stored under ``clean_accuracy`` / ``accuracies`` (as since the first files), other
+metrics under ``clean_value`` / ``values``; ``metric`` names the metric and whether higher is better.
+
+Schema: ``schema_version`` (:data:`SCHEMA_VERSION`); files without it (version 1, written before the
+engine) load as top-1 results on in-memory tensors hashed with SHA-256, and resume.
+
+Resume: a rerun with identical settings continues where the file stopped and produces the same
+result as an uninterrupted run, apart from ``timing``. Settings that differ are named, each with its
+old and new value, in one line (:func:`settings_diff`). Outcomes of cells may arrive in any order
+(:meth:`CampaignState.record`); the file holds per BER the completed prefix of patterns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmargin.engine.cells import CellOutcome, PassResult
+from qmargin.engine.grid import MAX_REPEATS, MAX_SEED, Grid
+from qmargin.errors import CheckpointError, ConfigError
+from qmargin.files import write_text_atomic
+from qmargin.training.validation import invalid, req_dict, req_float, req_int, req_list
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SETTINGS_KEYS",
+    "DATA_DERIVED",
+    "CampaignState",
+    "campaign_csv_path",
+    "load_campaign",
+    "validate_campaign",
+    "upgrade",
+    "settings_diff",
+    "summarize_accuracies",
+    "value_keys",
+    "result_values",
+    "jsonable",
+    "dumps",
+    "csv_text",
+]
+
+SCHEMA_VERSION = 2
+
+#: Keys of a campaign result that must match for a rerun to resume an existing file.
+SETTINGS_KEYS = (
+    "bers",
+    "repeats",
+    "base_seed",
+    "seeds",
+    "error_model",
+    "config",
+    "fingerprint",
+    "evaluation",
+    "metric",
+    "qmargin_version",
+)
+
+#: Settings only known after a pass over streamed data (compared once the clean pass has run).
+DATA_DERIVED = (
+    "fingerprint.data_sha256",
+    "evaluation.n_test",
+    "evaluation.count_failures",
+    "evaluation.patterns_per_pass",
+)
+
+TOP1 = {"name": "top1", "higher_is_better": True, "fraction": True}
+_SUMMARY_TOL = 1e-9
+
+
+def campaign_csv_path(out_path: str | Path) -> Path:
+    """The CSV written beside a campaign JSON: same name with suffix ``.csv``."""
+    return Path(out_path).with_suffix(".csv")
+
+
+def summarize_accuracies(accuracies: Sequence[float]) -> dict[str, float]:
+    """``mean``, population ``std`` (ddof 0), ``min``, ``max`` of per-pattern values."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no accuracies to summarize")
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def value_keys(metric: Mapping[str, Any] | None) -> tuple[str, str]:
+    """``("clean_accuracy", "accuracies")`` for top-1 (and files without a metric), else
+    ``("clean_value", "values")``."""
+    if metric is None or metric.get("name") == "top1":
+        return "clean_accuracy", "accuracies"
+    return "clean_value", "values"
+
+
+def result_values(result: Mapping[str, Any]) -> tuple[float, list[list[float]]]:
+    """The clean value and the per-BER value lists of a result, whatever its metric."""
+    clean_key, key = value_keys(result.get("metric"))
+    return result[clean_key], [list(e[key]) for e in result["results"]]
+
+
+def jsonable(value: Any, what: str = "campaign config") -> Any:
+    """Normalize through JSON (tuples become lists, ...) so stored and new settings compare equal."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} is not JSON-serializable: {err}") from None
+
+
+def dumps(result: Mapping[str, Any]) -> str:
+    return json.dumps(result, indent=1, allow_nan=False) + "\n"
+
+
+# -- loading, validation, old files ----------------------------------------------------------------
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A result of any schema version as the current one (a copy; version-1 files get ``metric``
+    top-1, ``evaluation.data_fingerprint = "sha256"`` and ``schema_version``)."""
+    version = data.get("schema_version", 1)
+    if version == SCHEMA_VERSION:
+        return data
+    out = dict(data)
+    out.setdefault("metric", dict(TOP1))
+    ev = dict(out.get("evaluation", {}))
+    ev.setdefault("data_fingerprint", "sha256")
+    out["evaluation"] = ev
+    out["schema_version"] = SCHEMA_VERSION
+    return out
+
+
+def load_campaign(path: str | Path) -> dict[str, Any]:
+    """Read a campaign result JSON (any schema version, returned as written), validated by
+    :func:`validate_campaign` (a one-line :class:`CheckpointError` when anything is wrong)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"no campaign result at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not a campaign result (invalid JSON: {err})") from None
+    if (
+        not isinstance(data, dict)
+        or "results" not in data
+        or not ("clean_accuracy" in data or "clean_value" in data)
+    ):
+        raise CheckpointError(f"{path} is not a campaign result (no 'results' / 'clean_accuracy')")
+    return validate_campaign(path, data)
+
+
+def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
+    """Check a campaign result (``ber.json``) against its own settings; return it unchanged.
+
+    ``schema_version`` 1 (absent) or 2; ``repeats`` in ``[1, MAX_REPEATS]`` and
+    ``seeds == base_seed + r``; one ``results`` entry per grid BER (same order); per BER at most
+    ``repeats`` values (exactly ``repeats`` when ``status`` is ``"complete"``); fractions (top-1,
+    top-k) in ``[0, 1]``, other metrics finite; ``mean``/``std``/``min``/``max`` present exactly
+    when there are values and equal to :func:`summarize_accuracies` of them; failure counts
+    non-negative integers, one per value, at most ``evaluation.n_test``.
+    """
+    req_dict(where, data, "campaign result")
+    version = data.get("schema_version", 1)
+    if version not in (1, SCHEMA_VERSION):
+        raise invalid(
+            where, f"schema_version {version!r} is not one this qmargin reads (1, {SCHEMA_VERSION})"
+        )
+    status = data.get("status")
+    if status not in ("partial", "complete"):
+        raise invalid(where, f"status must be 'partial' or 'complete', got {status!r}")
+    repeats = req_int(where, data.get("repeats"), "repeats", lo=1, hi=MAX_REPEATS)
+    base_seed = req_int(where, data.get("base_seed"), "base_seed", lo=0, hi=MAX_SEED - repeats)
+    seeds = req_list(where, data.get("seeds"), "seeds", length=repeats)
+    if seeds != [base_seed + r for r in range(repeats)]:
+        raise invalid(where, "seeds are not base_seed + r for r = 0 .. repeats - 1")
+    bers = req_list(where, data.get("bers"), "bers")
+    if not bers:
+        raise invalid(where, "bers is empty")
+    grid = [req_float(where, b, "bers entry", lo=0.0, hi=1.0) for b in bers]
+    metric = req_dict(where, data.get("metric", TOP1), "metric")
+    if not isinstance(metric.get("name"), str) or not isinstance(metric.get("higher_is_better"), bool):
+        raise invalid(where, "metric needs a name (string) and higher_is_better (bool)")
+    fraction = metric.get("fraction", True) is True
+    lo, hi = (0.0, 1.0) if fraction else (None, None)
+    clean_key, key = value_keys(metric)
+    evaluation = req_dict(where, data.get("evaluation", {}), "evaluation")
+    n_test = None
+    if "n_test" in evaluation:
+        n_test = req_int(where, evaluation["n_test"], "evaluation.n_test", lo=1)
+    counted = evaluation.get("count_failures", False) is True
+    req_float(where, data.get(clean_key), clean_key, lo=lo, hi=hi)
+    if counted and "clean_failures" not in data:
+        raise invalid(where, "evaluation.count_failures is set but clean_failures is missing")
+    if "clean_failures" in data:
+        req_int(where, data["clean_failures"], "clean_failures", lo=0, hi=n_test)
+    results = req_list(where, data.get("results"), "results", length=len(grid))
+    for i, (ber, entry) in enumerate(zip(grid, results, strict=True)):
+        name = f"results[{i}]"
+        req_dict(where, entry, name)
+        if req_float(where, entry.get("ber"), f"{name}.ber", lo=0.0, hi=1.0) != ber:
+            raise invalid(where, f"{name}.ber is {entry['ber']}, the grid has {ber}")
+        vals = req_list(where, entry.get(key), f"{name}.{key}")
+        if len(vals) > repeats:
+            raise invalid(where, f"{name} has {len(vals)} {key}, more than repeats ({repeats})")
+        if status == "complete" and len(vals) != repeats:
+            raise invalid(where, f"{name} has {len(vals)} {key}; a complete result has {repeats}")
+        values = [req_float(where, a, f"{name}.{key} entry", lo=lo, hi=hi) for a in vals]
+        if counted and "failures" not in entry:
+            raise invalid(where, f"evaluation.count_failures is set but {name}.failures is missing")
+        if "failures" in entry:
+            fails = req_list(where, entry["failures"], f"{name}.failures", length=len(vals))
+            for f in fails:
+                req_int(where, f, f"{name}.failures entry", lo=0, hi=n_test)
+        stats = ("mean", "std", "min", "max")
+        if not values:
+            present = [k for k in stats if k in entry]
+            if present:
+                raise invalid(where, f"{name} has {present[0]} but no {key}")
+            continue
+        expected = summarize_accuracies(values)
+        for k in stats:
+            v = req_float(where, entry.get(k), f"{name}.{k}", lo=lo if k != "std" else 0.0, hi=hi)
+            if abs(v - expected[k]) > _SUMMARY_TOL * max(1.0, abs(expected[k])):
+                raise invalid(where, f"{name}.{k} is {v:g}, its {key} give {expected[k]:g}")
+    timing = data.get("timing")
+    if timing is not None:
+        req_dict(where, timing, "timing")
+        if "seconds" in timing:
+            req_float(where, timing["seconds"], "timing.seconds", lo=0.0)
+    return data
+
+
+# -- settings --------------------------------------------------------------------------------------
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k in sorted(value):
+            _flat(f"{prefix}.{k}" if prefix else str(k), value[k], out)
+    else:
+        out[prefix] = value
+
+
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    if v is _MISSING:
+        return "(absent)"
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 60 else s[:28] + "..." + s[-28:]
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: Sequence[str] = ()) -> list[str]:
+    """``["repeats 4 -> 5", "fingerprint.model_sha256 "ab..." -> "cd..."", ...]``: every setting
+    (dotted path) whose stored value differs from the new one; ``skip`` paths (and their children)
+    are left out. ``seeds`` is left out when ``repeats`` or ``base_seed`` already differ."""
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    for key in SETTINGS_KEYS:
+        _flat(key, old.get(key, _MISSING), a)
+        _flat(key, new.get(key, _MISSING), b)
+    out = []
+    for path in sorted(set(a) | set(b), key=lambda p: (SETTINGS_KEYS.index(p.split(".")[0]), p)):
+        if any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        va, vb = a.get(path, _MISSING), b.get(path, _MISSING)
+        if va != vb:
+            out.append(f"{path} {_show(va)} -> {_show(vb)}")
+    if any(d.split(" ")[0] in ("repeats", "base_seed") for d in out):
+        out = [d for d in out if not d.startswith("seeds ")]
+    return out
+
+
+# -- the state of a running campaign ---------------------------------------------------------------
+class CampaignState:
+    """Clean outcome and per-cell outcomes of a campaign; assembles the result dict.
+
+    :meth:`record` accepts cells in any order (shards, workers); :meth:`result` lists per BER the
+    completed prefix ``r = 0, 1, ...`` of patterns, so a merged complete state gives the same result
+    as a sequential run."""
+
+    def __init__(self, grid: Grid, settings: dict[str, Any]) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.clean: PassResult | None = None
+        self.clean_value: float | None = None
+        self.clean_failures: int | None = None
+        self.values: list[dict[int, float]] = [{} for _ in grid.bers]
+        self.failures: list[dict[int, int]] = [{} for _ in grid.bers]
+        self.prior_seconds = 0.0
+
+    @property
+    def count_failures(self) -> bool:
+        return bool(self.settings["evaluation"]["count_failures"])
+
+    def record_clean(self, res: PassResult) -> None:
+        self.clean_value = res.value
+        if self.count_failures:
+            self.clean_failures = res.failures
+
+    def record(self, outcome: CellOutcome) -> None:
+        cell = outcome.cell
+        if cell is None:
+            self.record_clean(outcome.result)
+            return
+        if self.grid.cell(cell.k, cell.pattern) != cell:
+            raise ValueError(f"{cell} is not a cell of this grid")
+        self.values[cell.k][cell.pattern] = outcome.value
+        if self.count_failures:
+            self.failures[cell.k][cell.pattern] = outcome.result.failures
+
+    def prefix(self, k: int) -> int:
+        """Number of leading patterns of BER ``k`` that are done."""
+        r = 0
+        while r in self.values[k]:
+            r += 1
+        return r
+
+    @property
+    def done(self) -> int:
+        return sum(self.prefix(k) for k in range(len(self.grid.bers)))
+
+    def pending(self) -> list[tuple[int, int]]:
+        """``(k, r)`` of every cell not done, BER-major."""
+        return [
+            (k, r)
+            for k in range(len(self.grid.bers))
+            for r in range(self.grid.repeats)
+            if r not in self.values[k]
+        ]
+
+    def resume_from(self, old: dict[str, Any]) -> None:
+        """Take the clean value, the per-pattern values and the timing of a stored result (upgraded)."""
+        clean_key, key = value_keys(old.get("metric"))
+        self.clean_value = old[clean_key]
+        if "clean_failures" in old:
+            self.clean_failures = old["clean_failures"]
+        for k, res in enumerate(old["results"]):
+            for r, v in enumerate(res[key]):
+                self.values[k][r] = v
+            for r, f in enumerate(res.get("failures", [])):
+                self.failures[k][r] = f
+        self.prior_seconds = float(old.get("timing", {}).get("seconds", 0.0))
+
+    def result(self, seconds: float) -> dict[str, Any]:
+        """The result dict; everything except ``timing`` is a pure function of settings and values."""
+        assert self.clean_value is not None
+        clean_key, key = value_keys(self.settings["metric"])
+        results = []
+        for k, ber in enumerate(self.grid.bers):
+            n = self.prefix(k)
+            vals = [self.values[k][r] for r in range(n)]
+            row: dict[str, Any] = {"ber": ber}
+            if vals:
+                row.update(summarize_accuracies(vals))
+            row[key] = vals
+            if self.count_failures:
+                row["failures"] = [self.failures[k][r] for r in range(n)]
+            results.append(row)
+        out: dict[str, Any] = {clean_key: self.clean_value}
+        if self.clean_failures is not None and self.count_failures:
+            out["clean_failures"] = self.clean_failures
+        out["results"] = results
+        out.update({k: self.settings[k] for k in SETTINGS_KEYS})
+        if "weights" in self.settings:
+            out["weights"] = self.settings["weights"]
+        out["schema_version"] = SCHEMA_VERSION
+        done = self.done
+        out["status"] = "complete" if done == self.grid.size else "partial"
+        out["timing"] = {"seconds": round(self.prior_seconds + seconds, 6), "patterns_done": done}
+        for v in [self.clean_value, *(x for e in results for x in e[key])]:
+            if not math.isfinite(v):
+                raise ConfigError(f"non-finite metric value {v}")  # unreachable: metrics check their sums
+        return out
+
+    def write(self, path: Path, seconds: float) -> dict[str, Any]:
+        result = self.result(seconds)
+        write_text_atomic(path, dumps(result))
+        return result
+
+
+def csv_text(result: Mapping[str, Any]) -> str:
+    """One row per (ber, pattern): ``ber, pattern, seed, accuracy`` (top-1) or ``value`` (other
+    metrics), and ``failures`` when counted."""
+    _, key = value_keys(result.get("metric"))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    with_failures = bool(result["evaluation"]["count_failures"])
+    name = "accuracy" if key == "accuracies" else "value"
+    w.writerow(["ber", "pattern", "seed", name] + (["failures"] if with_failures else []))
+    for res in result["results"]:
+        for r, acc in enumerate(res[key]):
+            row = [repr(float(res["ber"])), r, result["seeds"][r], repr(float(acc))]
+            if with_failures:
+                row.append(res["failures"][r])
+            w.writerow(row)
+    return buf.getvalue()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
