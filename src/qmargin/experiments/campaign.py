@@ -46,6 +46,7 @@ from torch import Tensor, nn
 import qmargin
 from qmargin.errors import CheckpointError, ConfigError, DataError
 from qmargin.files import check_outputs, holds_lock, write_text_atomic
+from qmargin.interop import CodeGroup, stored_code_groups
 from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
 from qmargin.training.validation import invalid, req_accuracy, req_dict, req_float, req_int, req_list
@@ -242,15 +243,37 @@ def _hash_tensor(h: Any, name: str, t: Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the state dict plus the live integer codes (a rerun must evaluate the same model)."""
+def _hash_entry(h: Any, name: str, t: Tensor) -> None:
+    """Hash a state-dict entry; a wrapper tensor subclass (torchao's) by its inner tensors."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) in (Tensor, nn.Parameter) or flatten is None:
+        _hash_tensor(h, name, t)
+        return
+    for inner in flatten()[0]:
+        _hash_entry(h, f"{name}.{inner}", getattr(t, inner))
+
+
+def _model_fingerprint(model: nn.Module, foreign: Sequence[CodeGroup] = ()) -> str:
+    """SHA-256 of the state dict plus the live integer codes (a rerun must evaluate the same model).
+
+    ``foreign``: pinned stored tensors of other code providers (torchao, Brevitas; qmargin.interop),
+    whose codes, scales and zero points are hashed too.
+    """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        _hash_tensor(h, name, t)
+        _hash_entry(h, name, t)
     for mname, m in quantized_modules(model):
         if m.frozen:
             for tname in m.quant_specs:
                 _hash_tensor(h, f"{mname}.{tname}_codes", m.stored(tname).codes)
+    for provider, group in foreign:
+        name, module, tname = group[0]
+        c = provider.codes(name, module, tname)
+        key = f"{provider.name}:{name}.{tname}"
+        _hash_tensor(h, f"{key}_codes", c.codes)
+        _hash_tensor(h, f"{key}_scale", c.scale)
+        if c.zero_point is not None:
+            _hash_tensor(h, f"{key}_zero_point", c.zero_point)
     return h.hexdigest()
 
 
@@ -452,9 +475,14 @@ def run_ber_campaign(
         )
     dev = torch.device(device)
     qmods = list(quantized_modules(model))
-    if not qmods:
+    # stored tensors of other code providers (torchao, Brevitas: qmargin.interop) the template hits
+    foreign = [(p, g) for p, g in stored_code_groups(model) if p.name != "qmargin"]
+    if not qmods and not foreign:
         raise ConfigError("the model has no quantized layers: bit errors act on stored integer codes")
     select_tensors(model, template)  # fail fast when the template selects no stored tensor
+    foreign = [(p, g) for p, g in foreign if template.selection.selects_stored(g)]
+    if foreign:
+        patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only
 
     was_training = model.training
     model.to(dev)
@@ -462,7 +490,12 @@ def run_ber_campaign(
     newly_frozen = [m for _, m in qmods if not m.frozen]
     for m in newly_frozen:
         m.freeze()
+    pinned: list[tuple[Any, Any]] = []
     try:
+        for p, g in foreign:
+            for ref in g:
+                if p.pin(*ref):
+                    pinned.append((p, ref))
         evaluator = _Evaluator(model, x, y, batch_size, dev)
         if count_failures is None:
             count_failures = evaluator.converged_flags()
@@ -477,7 +510,7 @@ def run_ber_campaign(
             "error_model": _jsonable(em_dict),
             "config": _jsonable(config or {}),
             "fingerprint": {
-                "model_sha256": _model_fingerprint(model),
+                "model_sha256": _model_fingerprint(model, foreign),
                 "data_sha256": _data_fingerprint(x, y),
             },
             "evaluation": {
@@ -547,6 +580,8 @@ def run_ber_campaign(
             write_text_atomic(campaign_csv_path(path), _csv_text(result))
         return result
     finally:
+        for p, ref in reversed(pinned):
+            p.unpin(*ref)
         for m in newly_frozen:
             m.unfreeze()
         model.train(was_training)
