@@ -26,6 +26,7 @@ from qmargin.engine.evaluation import Evaluation, StreamHash, batch_size_of, cal
 from qmargin.engine.grid import Cell, with_ber
 from qmargin.engine.metrics import MetricError, batch_sum_count
 from qmargin.errors import ConfigError, DataError
+from qmargin.interop import CodeGroup, CodeProvider, StoredName, stored_code_groups
 from qmargin.models.protocols import ReportsConvergence
 from qmargin.quant import quantized_modules
 
@@ -73,23 +74,40 @@ class CellOutcome:
 
 
 @contextlib.contextmanager
-def prepared(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """The model on ``device``, in eval mode, every quantized layer frozen (stored codes); layers it
-    froze are unfrozen and the training mode restored on exit."""
+def prepared(model: nn.Module, device: torch.device, template: Any = None) -> Iterator[list[CodeGroup]]:
+    """The model on ``device``, in eval mode, its stored codes pinned; yields the pinned groups of
+    other code providers (torchao, Brevitas: :mod:`qmargin.interop`).
+
+    Every qmargin quantized layer is frozen (stored codes); of other providers' stored tensors, those
+    ``template``'s selection hits (all when ``template`` is ``None``) are pinned. What this froze or
+    pinned is released and the training mode restored on exit. ``ConfigError`` when the model has no
+    stored integer codes at all.
+    """
     qmods = list(quantized_modules(model))
-    if not qmods:
+    foreign = [(p, g) for p, g in stored_code_groups(model) if p.name != "qmargin"]
+    if not qmods and not foreign:
         raise ConfigError("the model has no quantized layers: bit errors act on stored integer codes")
+    if template is not None:
+        foreign = [(p, g) for p, g in foreign if template.selection.selects_stored(g)]
     was_training = model.training
     model.to(device)
     model.eval()
     newly_frozen = [m for _, m in qmods if not m.frozen]
-    for m in newly_frozen:
-        m.freeze()
+    pinned: list[tuple[CodeProvider, StoredName]] = []
     try:
-        yield model
-    finally:
         for m in newly_frozen:
-            m.unfreeze()
+            m.freeze()
+        for provider, group in foreign:
+            for ref in group:
+                if provider.pin(*ref):
+                    pinned.append((provider, ref))
+        yield foreign
+    finally:
+        for provider, ref in reversed(pinned):
+            provider.unpin(*ref)
+        for m in newly_frozen:
+            if m.frozen:
+                m.unfreeze()
         model.train(was_training)
 
 

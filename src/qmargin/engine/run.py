@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import qmargin
 from qmargin.engine.cells import (
@@ -44,6 +44,7 @@ from qmargin.engine.store import (
 )
 from qmargin.errors import CheckpointError, ConfigError, DataError
 from qmargin.files import check_outputs, holds_lock, write_text_atomic
+from qmargin.interop import CodeGroup
 from qmargin.quant import quantized_modules
 
 __all__ = ["CampaignProgress", "run_campaign", "stress", "model_fingerprint", "DEFAULT_REPEATS"]
@@ -71,15 +72,37 @@ class CampaignProgress:
         return self.accuracy
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the state dict plus the live integer codes (a rerun must evaluate the same model)."""
+def _hash_entry(h: Any, name: str, t: Tensor) -> None:
+    """Hash a state-dict entry; a wrapper tensor subclass (torchao's) by its inner tensors."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) in (Tensor, nn.Parameter) or flatten is None:
+        hash_tensor(h, name, t)
+        return
+    for inner in flatten()[0]:
+        _hash_entry(h, f"{name}.{inner}", getattr(t, inner))
+
+
+def model_fingerprint(model: nn.Module, foreign: Sequence[CodeGroup] = ()) -> str:
+    """SHA-256 of the state dict plus the live integer codes (a rerun must evaluate the same model).
+
+    ``foreign``: pinned stored tensors of other code providers (torchao, Brevitas; qmargin.interop),
+    whose codes, scales and zero points are hashed too.
+    """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        hash_tensor(h, name, t)
+        _hash_entry(h, name, t)
     for mname, m in quantized_modules(model):
         if m.frozen:
             for tname in m.quant_specs:
                 hash_tensor(h, f"{mname}.{tname}_codes", m.stored(tname).codes)
+    for provider, group in foreign:
+        name, module, tname = group[0]
+        c = provider.codes(name, module, tname)
+        key = f"{provider.name}:{name}.{tname}"
+        hash_tensor(h, f"{key}_codes", c.codes)
+        hash_tensor(h, f"{key}_scale", c.scale)
+        if c.zero_point is not None:
+            hash_tensor(h, f"{key}_zero_point", c.zero_point)
     return h.hexdigest()
 
 
@@ -149,13 +172,15 @@ def run_campaign(
             "the error model template fixes both p01 and p10, so the BER grid would change nothing"
         )
     cfg = jsonable(config or {})
-    with prepared(model, evaluation.device):
+    with prepared(model, evaluation.device, template) as foreign:
         select_tensors(model, template)  # fail fast when the template selects no stored tensor
+        if foreign:
+            patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only
         if count_failures is None:
             count_failures = reports_convergence(model, evaluation)
         em_dict = dict(template.to_dict())
         em_dict["ber"] = None
-        fingerprint: dict[str, str | None] = {"model_sha256": model_fingerprint(model)}
+        fingerprint: dict[str, str | None] = {"model_sha256": model_fingerprint(model, foreign)}
         known = evaluation.known_fingerprint()
         fingerprint.update(known if known is not None else {"data_sha256": None})
         n_known = evaluation.known_size()

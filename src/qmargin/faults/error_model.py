@@ -37,7 +37,6 @@ from typing import Any, Protocol, runtime_checkable
 from qmargin.errors import ConfigError
 from qmargin.faults.kinds import FaultKind, RandomFlips, StuckAt, _rate, fault_kind_from_dict
 from qmargin.faults.selection import WEIGHT_TENSORS, Selection
-from qmargin.quant import QuantSpec
 from qmargin.quant.codes import StorageFormat, check_storage
 
 __all__ = [
@@ -213,19 +212,22 @@ class BitErrorModel:
         return cls(**d)
 
 
-def word_format(error_model: object, spec: QuantSpec) -> tuple[StorageFormat, bool]:
-    """``(storage, saturate)`` of a tensor stored under ``spec`` as ``error_model`` sees it.
+def word_format(
+    error_model: object, storage: StorageFormat, saturate: bool, signed: bool
+) -> tuple[StorageFormat, bool]:
+    """``(storage, saturate)`` of a stored tensor as ``error_model`` sees it.
 
-    An error model's ``storage`` / ``saturate`` attributes, when present and not ``None``, override
-    the spec's (an evaluation-time choice of the memory's format); otherwise the spec's own apply.
-    Raises ``ConfigError`` for a non-default storage of asymmetric (unsigned) codes.
+    ``storage`` / ``saturate`` are the tensor's own (its ``QuantSpec``'s, or its code provider's);
+    ``signed``: symmetric (two's-complement) codes. An error model's ``storage`` / ``saturate``
+    attributes, when present and not ``None``, override them (an evaluation-time choice of the
+    memory's format). Raises ``ConfigError`` for a non-default storage of unsigned codes.
     """
-    storage = getattr(error_model, "storage", None)
-    saturate = getattr(error_model, "saturate", None)
-    storage = spec.storage if storage is None else check_storage(storage)
-    if storage != spec.storage and not spec.symmetric:
-        raise ConfigError(f"storage {storage!r} applies to symmetric codes; these are unsigned ({spec})")
-    return storage, spec.saturate if saturate is None else bool(saturate)
+    want = getattr(error_model, "storage", None)
+    want_saturate = getattr(error_model, "saturate", None)
+    chosen = storage if want is None else check_storage(want)
+    if chosen != storage and not signed:
+        raise ConfigError(f"storage {chosen!r} applies to symmetric codes; these are unsigned")
+    return chosen, saturate if want_saturate is None else bool(want_saturate)
 
 
 @dataclass(frozen=True)

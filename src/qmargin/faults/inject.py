@@ -1,10 +1,12 @@
 """Inject bit errors into the stored codes of a quantized model, and restore them exactly.
 
-``inject(model, error_model, seed)`` corrupts, in place, ``m.stored(t).codes`` of every selected
-tensor ``t`` of every :class:`qmargin.quant.QuantizedTensors` module ``m``, yields an
-:class:`InjectionReport`, and on exit writes the recorded old words back (O(K) for K touched words),
-also when the body raises. Modules that were not frozen are frozen for the duration and unfrozen
-on exit, so the model computes from its float weights again afterwards.
+``inject(model, error_model, seed)`` corrupts, in place, the integer codes of every selected stored
+tensor of ``model``, yields an :class:`InjectionReport`, and on exit writes the recorded old words
+back (O(K) for K touched words), also when the body raises. The stored tensors are those of every
+registered code provider (:mod:`qmargin.interop`): qmargin's :class:`qmargin.quant.QuantizedTensors`
+layers (``m.stored(t).codes``), torchao weight tensors, Brevitas layers. Tensors that were not pinned
+(qmargin modules not frozen, Brevitas layers) are pinned for the duration and unpinned on exit, so
+the model computes from its float weights again afterwards.
 
 ``inject`` knows no fault kind: it asks the error model (any :class:`qmargin.faults.ErrorModel`)
 for its ``selection`` (where) and its ordered ``fault_kinds()`` (what, :mod:`qmargin.faults.kinds`)
@@ -33,14 +35,7 @@ from qmargin.errors import ConfigError
 from qmargin.faults.error_model import ErrorModel, word_format
 from qmargin.faults.functional import WordPatch, _flat_gather, check_seed, derive_seed, make_generator
 from qmargin.faults.kinds import FaultKind
-from qmargin.quant import (
-    QuantConfigError,
-    QuantizedTensors,
-    StoredRef,
-    link_tied,
-    quantized_modules,
-    tied_stored_tensors,
-)
+from qmargin.interop import CodeGroup, CodeProvider, StoredName, stored_code_groups
 from qmargin.quant.codes import (
     DEFAULT_STORAGE,
     StorageFormat,
@@ -131,17 +126,18 @@ class InjectionOrderError(RuntimeError):
     """
 
 
-def _stored_groups(model: nn.Module) -> list[list[StoredRef]]:
-    return tied_stored_tensors(model)  # its errors are ConfigErrors (qmargin.quant.errors)
+def _stored_groups(model: nn.Module) -> list[CodeGroup]:
+    """Every stored tensor of every code provider (:mod:`qmargin.interop`), with all its names."""
+    return stored_code_groups(model)  # its errors are ConfigErrors (qmargin.quant.errors)
 
 
-def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[list[StoredRef]]:
-    """The tie groups (:func:`qmargin.quant.tied_stored_tensors`) that ``error_model`` hits."""
+def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[CodeGroup]:
+    """The tie groups (:func:`qmargin.interop.stored_code_groups`) that ``error_model`` hits."""
     selection = error_model.selection
     groups = _stored_groups(model)
-    found = [g for g in groups if selection.selects_stored(g)]
+    found = [(p, g) for p, g in groups if selection.selects_stored(g)]
     if not found:
-        quantized = [name for name, _ in quantized_modules(model)]
+        quantized = list(dict.fromkeys(g[0][0] for _, g in groups))
         if not quantized:
             raise ConfigError("the model has no quantized layers to inject bit errors into (quantize_model)")
         raise ConfigError(
@@ -151,8 +147,11 @@ def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[list[Store
     return found
 
 
-def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[tuple[str, QuantizedTensors, str]]:
+def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[StoredName]:
     """``(layer name, module, tensor name)`` of every stored tensor ``error_model`` hits, in module order.
+
+    Stored tensors are those of every registered code provider (:mod:`qmargin.interop`: qmargin's
+    layers, torchao tensors, Brevitas layers).
 
     The choice is ``error_model.selection``'s (:class:`qmargin.faults.Selection`). A stored tensor
     reachable under several names (a module registered twice, a tied Parameter) is listed once, under
@@ -160,7 +159,7 @@ def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[tuple[str,
     nothing is selected (a model without quantized layers, or patterns that match none), since an
     injection that silently hits nothing would report clean accuracy.
     """
-    return [g[0] for g in _select_groups(model, error_model)]
+    return [g[0] for _, g in _select_groups(model, error_model)]
 
 
 class _Injection:
@@ -172,11 +171,11 @@ class _Injection:
         self.seed = seed
         self.order = next(self._counter)
         self.patches: list[tuple[Tensor, WordPatch]] = []
-        self.froze: list[QuantizedTensors] = []
+        self.froze: list[tuple[CodeProvider, StoredName]] = []
         self.stacks: list[list[_Injection]] = []
         self.state = "open"  # "open" -> "closed"; or "ended" by an enclosing context's exit
 
-    def push(self, module: QuantizedTensors, tensor: str) -> None:
+    def push(self, module: nn.Module, tensor: str) -> None:
         """Put this context on top of the stack of active injections of ``module``'s ``tensor``."""
         stacks = module.__dict__.setdefault(_STACKS, {})
         stack = stacks.setdefault(tensor, [])
@@ -204,8 +203,8 @@ class _Injection:
                 patch.undo_(codes)
             for stack in self.stacks:
                 stack[:] = [y for y in stack if y is not self]
-            for module in reversed(self.froze):
-                module.unfreeze()
+            for provider, (name, module, tensor) in reversed(self.froze):
+                provider.unpin(name, module, tensor)
 
     def exit(self) -> None:
         if self.state == "ended":
@@ -267,23 +266,19 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
     token = _Injection(seed)
     try:
         with torch.no_grad():
-            for group in groups:
-                for _, module, _ in group:
-                    if not module.frozen:
-                        try:
-                            module.freeze()
-                        except QuantConfigError as e:
-                            raise ConfigError(f"layer {group[0][0]!r}: {e}") from None
-                        token.froze.append(module)
-            for group in groups:
-                link_tied(model, [group])
+            for provider, group in groups:
+                for ref in group:
+                    if provider.pin(*ref):
+                        token.froze.append((provider, ref))
+            for provider, group in groups:
+                provider.link(model, group)
                 name, module, tensor = group[0]
                 token.push(module, tensor)
-                stored = module.stored(tensor)
-                storage, saturate = word_format(error_model, stored.spec)
+                stored = provider.codes(name, module, tensor)
+                storage, saturate = word_format(error_model, stored.storage, stored.saturate, stored.signed)
                 report.tensors.append(
                     _corrupt_tensor(
-                        stored.codes, stored.spec.bits, name, tensor, error_model.selection.protected_bits,
+                        stored.codes, stored.bits, name, tensor, error_model.selection.protected_bits,
                         kinds, seed, token.patches, storage=storage, saturate=saturate,
                     )
                 )
