@@ -222,6 +222,7 @@ def load_external_model(
     """Steps 1-3 of the module docstring: the model in eval mode, quantized, with its record."""
     quant = quant or QuantOptions()
     model = build_model(spec, model_args)
+    check_layout(model)  # before the weights: a foreign layout's state dict is not ours to read
     record = load_weights(model, weights) if weights is not None else None
     layers, mode = quantize_external(model, quant)
     model.eval()
