@@ -135,6 +135,9 @@ def _bad_inputs(tmp):
     torch.save(PickleBomb(marker), tmp / "evil.pt")
     three = tmp / "three.npz"
     np.savez(three, x=np.zeros((4, 3, 8, 8), dtype=np.float32), y=np.zeros(4, dtype=int))
+    for k in range(6):  # six classes for a model with five outputs
+        (tmp / "six" / f"c{k}").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 40 * k, dtype=np.uint8)).save(tmp / "six" / f"c{k}" / "0.png")
     return marker
 
 
@@ -154,6 +157,10 @@ BAD = {
     "quantized-with-bits": (["--model", "mycnn.py:make_quantized", "--bits", "4"], ["already holds"]),
     "labels-out-of-range": (["--model", "mycnn.py:make_cnn", "--model-arg", "classes=3"], ["out of range"]),
     "model-fails-on-data": (["--model", "mycnn.py:make_cnn", "--data", "npz:three.npz"], ["first batch"]),
+    "more-classes-than-outputs": (
+        ["--model", "mycnn.py:make_cnn", "--data", "folder:six", "--grayscale"],
+        ["folder:six has 6 classes, the model 5 outputs"],
+    ),
     "image-flags-on-npz": (["--model", "mycnn.py:make_cnn", "--resize", "8"], ["folder:DIR"]),
     "bad-quant": (["--model", "mycnn.py:make_cnn", "--quant", "int"], ["--quant"]),
     "bad-bits": (["--model", "mycnn.py:make_cnn", "--bits", "9"], ["--bits"]),

@@ -241,9 +241,11 @@ def _batched(dataset: torch.utils.data.Dataset, batch_size: int) -> DataLoader:
 class CheckedBatches:
     """Re-iterable view of ``batches`` that checks every batch as it streams by (module docstring)."""
 
-    def __init__(self, batches: Any, where: str) -> None:
+    def __init__(self, batches: Any, where: str, num_classes: int | None = None) -> None:
         self.batches = batches
         self.where = where
+        self.num_classes = num_classes
+        """When set (the model's number of outputs), a label ``>= num_classes`` is a ``DataError``."""
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -281,6 +283,10 @@ class CheckedBatches:
             raise DataError(f"{where}: targets must be integer class labels, got {y.dtype}")
         if y.numel() and int(y.min()) < 0:
             raise DataError(f"{where}: labels must be >= 0, found {int(y.min())}")
+        if self.num_classes is not None and y.numel() and int(y.max()) >= self.num_classes:
+            raise DataError(
+                f"{where}: label {int(y.max())} is out of range for a model with {self.num_classes} outputs"
+            )
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise DataError(f"{where}: inputs hold NaN or inf")
         return x, y.long()

@@ -283,17 +283,12 @@ def _preflight(model: nn.Module, source: DataSource, device: torch.device) -> in
     return int(out.shape[1])
 
 
-def _materialize(source: DataSource, num_classes: int) -> tuple[Tensor, Tensor]:
+def _materialize(source: DataSource) -> tuple[Tensor, Tensor]:
     xs, ys = [], []
     for xb, yb in source.loader:
         xs.append(xb)
         ys.append(yb)
-    x, y = torch.cat(xs), torch.cat(ys)
-    if int(y.max()) >= num_classes:
-        raise DataError(
-            f"{source.spec}: label {int(y.max())} is out of range for a model with {num_classes} outputs"
-        )
-    return x, y
+    return torch.cat(xs), torch.cat(ys)
 
 
 @holds_lock("out_path", kind="file")
@@ -335,9 +330,12 @@ def evaluate_external(
     source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
     ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
     num_classes = _preflight(ext.model, source, dev)
+    if source.num_classes is not None and source.num_classes > num_classes:
+        raise DataError(f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs")
+    source.loader.num_classes = num_classes  # labels are checked against the outputs as they stream
     if on_model is not None:
         on_model(ext)
-    x, y = _materialize(source, num_classes)
+    x, y = _materialize(source)
     layers = tuple(quant.layers) if ext.mode == "given" else ("*",)
     template = error_model_for(protected_bits=protected_bits, layers=layers, include_bias=include_bias)
     if ext.mode == "given" and quant.exclude:
