@@ -585,9 +585,7 @@ def _evaluate_model(
             on_model=show_layers,
         )
     n = result.get("evaluation", {}).get("n_test", "?")
-    console.print(
-        ber_table(result, title=f"{model} on {data} ({n} samples): accuracy under random bit errors")
-    )
+    console.print(ber_table(result, title=f"{data}: {n} samples, accuracy (%)"))
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(out.stem, result)], png, title=f"{model} on {data}")
