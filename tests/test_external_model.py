@@ -198,3 +198,22 @@ def test_an_unsupported_quantized_layout_is_refused(cnn_file):
     with pytest.raises(ConfigError) as err:
         load_external_model(f"{cnn_file}:make_torch_quantized")
     _one_line(err, "unsupported quantized layout", "layer '1'", "torch.ao.nn.quantized")
+
+
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "as safetensors"),
+        ("w.pt", b"\x00\x01garbage", "weights-only torch checkpoint"),
+        ("w.pth", None, "holds a list"),
+    ],
+)
+def test_unreadable_weight_files_are_one_line(cnn_file, tmp_path, name, content, needle):
+    path = tmp_path / name
+    if content is None:
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_weights(build_model(f"{cnn_file}:make_cnn"), path)
+    _one_line(err, name, needle)
