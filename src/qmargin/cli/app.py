@@ -220,7 +220,10 @@ def train(
         model_kwargs["certify"] = True
     check_model_kwargs(model, model_kwargs)
     knobs = {
-        "margin": margin, "bound": bound, "logit_scale": logit_scale, "b": hinge_b,
+        "margin": margin,
+        "bound": bound,
+        "logit_scale": logit_scale,
+        "b": hinge_b,
         "label_smoothing": label_smoothing,
     }
     loss_kwargs: dict[str, object] = {k: v for k, v in knobs.items() if v is not None}
@@ -336,7 +339,35 @@ class _TrainProgress(_RichProgress):
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory written by 'qmargin train'.")],
+    run: Annotated[
+        Path | None,
+        typer.Argument(help="Run directory written by 'qmargin train' (or use --model and --data)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            click_type=opt.Text(),
+            help="Your model: pkg.module:factory or path/to/file.py:factory returning an nn.Module.",
+        ),
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            click_type=opt.KeyValue(),
+            help="A factory argument key=value (value read as JSON, else as text); repeatable.",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="--model: weights, .safetensors or a .pt/.pth state dict.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            click_type=opt.Text(),
+            help="--model: test data: a dataset name, npz:FILE (arrays x, y), folder:DIR (ImageFolder) "
+            "or pkg.module:function / file.py:function returning a Dataset or DataLoader.",
+        ),
+    ] = None,
     ber: Annotated[
         opt.Floats,
         typer.Option(click_type=opt.Reals(0.0, 1.0), help="Comma-separated bit error rates in [0, 1]."),
@@ -346,7 +377,8 @@ def evaluate(
         int, typer.Option(click_type=opt.SEED, help="Base seed: pattern r uses seed + r (paired).")
     ] = 100,
     out: Annotated[
-        Path | None, typer.Option(help="Result JSON (CSV beside it). Default: RUN/ber.json")
+        Path | None,
+        typer.Option(help="Result JSON (CSV beside it). Default: RUN/ber.json; required with --model."),
     ] = None,
     protected_bits: Annotated[
         opt.Ints | None,
@@ -356,16 +388,63 @@ def evaluate(
         ),
     ] = None,
     layers: Annotated[
-        str, typer.Option(click_type=opt.Text(), help="Comma-separated glob patterns of layers to hit.")
+        str,
+        typer.Option(
+            click_type=opt.Text(),
+            help="Comma-separated glob patterns of layers to hit; with a float --model, the layers to "
+            "quantize.",
+        ),
     ] = "*",
+    exclude: Annotated[
+        str | None,
+        typer.Option(
+            click_type=opt.Text(), help="--model: comma-separated glob patterns of layers to leave alone."
+        ),
+    ] = None,
     include_bias: Annotated[bool, typer.Option(help="Also hit biases stored as codes.")] = False,
     bits: Annotated[
         int | None,
         typer.Option(
             click_type=opt.Integer(1, 8),
-            help="Float runs only: post-training quantize to these bits first (default 8).",
+            help="Float runs / models: post-training quantize to these bits first (default 8).",
         ),
     ] = None,
+    quant: Annotated[
+        str,
+        typer.Option(
+            click_type=opt.Choice("sym", "asym"),
+            help="--model: sym (two's complement) | asym (unsigned + zero point).",
+        ),
+    ] = "sym",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="--model: one scale per output channel.")
+    ] = False,
+    resize: Annotated[
+        int | None,
+        typer.Option(
+            click_type=opt.Integer(1, opt.MAX_WIDTH),
+            help="folder: data: resize the shorter side to N pixels.",
+        ),
+    ] = None,
+    crop: Annotated[
+        int | None,
+        typer.Option(click_type=opt.Integer(1, opt.MAX_WIDTH), help="folder: data: central N x N crop."),
+    ] = None,
+    mean: Annotated[
+        opt.Floats | None,
+        typer.Option(
+            click_type=opt.Reals(unique=False),
+            help="folder: data: normalise, per-channel means (with --std).",
+        ),
+    ] = None,
+    std: Annotated[
+        opt.Floats | None,
+        typer.Option(
+            click_type=opt.Reals(0.0, None, lo_open=True, unique=False),
+            help="folder: data: normalise, per-channel stds.",
+        ),
+    ] = None,
+    grayscale: Annotated[bool, typer.Option(help="folder: data: read images as one channel.")] = False,
     batch_size: Annotated[
         int, typer.Option(click_type=opt.Integer(1, opt.MAX_BATCH), help="Test samples per forward pass.")
     ] = 1024,
@@ -383,7 +462,10 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     storage: Annotated[
         str | None,
-        typer.Option(help="Word format of the codes: twos | offset | sign-magnitude (default: the run's)."),
+        typer.Option(
+            click_type=opt.Choice("twos", "offset", "sign-magnitude"),
+            help="Word format of the codes: twos | offset | sign-magnitude (default: the run's).",
+        ),
     ] = None,
     saturate: Annotated[
         bool | None,
@@ -395,10 +477,69 @@ def evaluate(
         bool, typer.Option(help="Nested patterns: bits flipped at a lower BER are a subset (same seed).")
     ] = False,
 ) -> None:
-    """Accuracy under random bit errors: BER grid x seeded patterns (resumable)."""
+    """Accuracy under random bit errors: BER grid x seeded patterns (resumable).
+
+    Either a run directory of 'qmargin train', or your own network: --model FACTORY [--weights FILE]
+    --data SPEC --out r.json (a float model is quantized after training with --bits, --quant,
+    --per-channel, --layers, --exclude).
+    """
     bers = list(ber)
     protected = tuple(protected_bits or ())
     opt.check_seed_span(seed, repeats)
+    layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip())
+    external = {
+        "--model-arg": bool(model_arg),
+        "--weights": weights is not None,
+        "--data": data is not None,
+        "--exclude": exclude is not None,
+        "--quant": quant != "sym",
+        "--per-channel": per_channel,
+        "--resize": resize is not None,
+        "--crop": crop is not None,
+        "--mean": mean is not None,
+        "--std": std is not None,
+        "--grayscale": grayscale,
+    }
+    if model is not None:
+        if run is not None:
+            raise ConfigError(f"give a run directory ({run}) or --model, not both")
+        _evaluate_model(
+            model,
+            model_args=_key_values("--model-arg", model_arg or []),
+            weights=weights,
+            data=data,
+            out=out,
+            bers=bers,
+            repeats=repeats,
+            seed=seed,
+            protected=protected,
+            layers=layer_patterns,
+            exclude=tuple(p.strip() for p in (exclude or "").split(",") if p.strip()),
+            include_bias=include_bias,
+            bits=bits,
+            quant=quant,
+            per_channel=per_channel,
+            image={
+                "resize": resize,
+                "crop": crop,
+                "mean": None if mean is None else tuple(mean),
+                "std": None if std is None else tuple(std),
+                "grayscale": grayscale,
+            },
+            batch_size=batch_size,
+            patterns_per_pass=patterns_per_pass,
+            device=device,
+            data_dir=data_dir,
+            overwrite=overwrite,
+            plot=plot,
+            quiet=quiet,
+        )
+        return
+    if run is None:
+        raise ConfigError("give a run directory of 'qmargin train', or --model SPEC --data SPEC --out FILE")
+    given = [flag for flag, on in external.items() if on]
+    if given:
+        raise ConfigError(f"{given[0]} is for --model; a run directory brings its own model and data")
     out = out or run / "ber.json"
     from qmargin.experiments.evaluate import evaluate_run, run_input_files  # lazy: torch
     from qmargin.report import ber_table, plot_accuracy_vs_ber  # lazy: matplotlib
@@ -416,7 +557,7 @@ def evaluate(
             base_seed=seed,
             out_path=out,
             protected_bits=protected,
-            layers=tuple(p.strip() for p in layers.split(",") if p.strip()),
+            layers=layer_patterns,
             include_bias=include_bias,
             batch_size=batch_size,
             device=device,
@@ -450,6 +591,117 @@ def evaluate(
         console.print(f"wrote {out}, {out.with_suffix('.csv')}, {png}")
     else:
         console.print(f"wrote {out}, {out.with_suffix('.csv')}")
+
+
+def _evaluate_model(
+    model: str,
+    *,
+    model_args: dict[str, object],
+    weights: Path | None,
+    data: str | None,
+    out: Path | None,
+    bers: list[float],
+    repeats: int,
+    seed: int,
+    protected: tuple[int, ...],
+    layers: tuple[str, ...],
+    exclude: tuple[str, ...],
+    include_bias: bool,
+    bits: int | None,
+    quant: str,
+    per_channel: bool,
+    image: dict,
+    batch_size: int,
+    patterns_per_pass: int,
+    device: str,
+    data_dir: Path | None,
+    overwrite: bool,
+    plot: bool,
+    quiet: bool,
+) -> None:
+    """``qmargin evaluate --model ...``: a user's own network (qmargin.experiments.external)."""
+    if data is None:
+        raise ConfigError(
+            "--model needs --data (a dataset name, npz:FILE, folder:DIR or pkg.module:function)"
+        )
+    if out is None:
+        raise ConfigError("--model needs --out FILE.json (where the result goes)")
+    if quant not in ("sym", "asym"):
+        raise ConfigError(f"--quant must be sym or asym, got {quant!r}")
+    if bits is not None and not 1 <= bits <= 8:
+        raise ConfigError(f"--bits must be in 1..8 for stored weights, got {bits}")
+    from qmargin.experiments.external import (  # lazy: torch
+        ImageOptions,
+        QuantOptions,
+        evaluate_external,
+        external_input_files,
+    )
+    from qmargin.report import ber_table, plot_accuracy_vs_ber  # lazy: matplotlib
+
+    derived = {"result JSON (--out)": out, "CSV": out.with_suffix(".csv")}
+    if plot:
+        derived["plot"] = out.with_suffix(".png")
+    check_outputs(derived, inputs=external_input_files(weights, data))
+
+    def show_layers(ext) -> None:
+        how = "quantized after training" if ext.mode == "ptq" else "already quantized, stressed as stored"
+        console.print(_layers_table(ext.layers, title=f"{model}: {len(ext.layers)} stored tensors ({how})"))
+
+    with _CampaignProgress(enabled=_progress_enabled(quiet)) as progress:
+        result = evaluate_external(
+            model,
+            data,
+            bers=bers,
+            repeats=repeats,
+            base_seed=seed,
+            out_path=out,
+            model_args=model_args,
+            weights=weights,
+            quant=QuantOptions(
+                bits=bits,
+                symmetric=quant == "sym",
+                per_channel=per_channel,
+                layers=layers or ("*",),
+                exclude=exclude,
+            ),
+            image=ImageOptions(**image),
+            protected_bits=protected,
+            include_bias=include_bias,
+            batch_size=batch_size,
+            device=device,
+            data_dir=data_dir,
+            overwrite=overwrite,
+            progress=progress,
+            patterns_per_pass=patterns_per_pass,
+            on_model=show_layers,
+        )
+    n = result.get("evaluation", {}).get("n_test", "?")
+    console.print(ber_table(result, title=f"{data}: {n} samples, accuracy (%)"))
+    if plot:
+        png = out.with_suffix(".png")
+        plot_accuracy_vs_ber([(out.stem, result)], png, title=f"{model} on {data}")
+        console.print(f"wrote {out}, {out.with_suffix('.csv')}, {png}")
+    else:
+        console.print(f"wrote {out}, {out.with_suffix('.csv')}")
+
+
+def _layers_table(rows: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "kind", "tensor", "shape", "bits", "quant", "per channel"):
+        table.add_column(col, justify="right" if col == "bits" else "left")
+    for r in rows:
+        table.add_row(
+            r["layer"],
+            r["kind"],
+            r["tensor"],
+            "x".join(str(d) for d in r["shape"]),
+            str(r["bits"]),
+            r["quant"],
+            "yes" if r["per_channel"] else "no",
+        )
+    return table
 
 
 class _CampaignProgress(_RichProgress):
@@ -514,7 +766,7 @@ def certify(
         opt.Ints,
         typer.Option(
             click_type=opt.Integers(1, 16),
-            help="Comma-separated bit widths 2..8 (up to 16 for W as a study)."
+            help="Comma-separated bit widths 2..8 (up to 16 for W as a study).",
         ),
     ] = (3, 4, 5, 6, 8),
     per_channel: Annotated[
@@ -577,7 +829,7 @@ def reproduce_mcel(
         str,
         typer.Option(
             click_type=opt.Choice(*MCEL_PRESETS),
-            help="fast (mnist5k, minutes on CPU) | full | fashion | cifar10"
+            help="fast (mnist5k, minutes on CPU) | full | fashion | cifar10",
         ),
     ] = "fast",
     out: Annotated[Path, typer.Option(help="Output directory (runs, results, plots).")] = Path(

@@ -352,10 +352,14 @@ class KeyValue(QmarginType):
 
 
 class Reals(QmarginType):
-    """Comma-separated :class:`Real` values, at least one, no duplicates -> ``list[float]``."""
+    """Comma-separated :class:`Real` values, at least one, no duplicates (unless ``unique=False``) ->
+    ``list[float]``."""
 
-    def __init__(self, lo: float | None = None, hi: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, lo: float | None = None, hi: float | None = None, *, unique: bool = True, **kwargs: Any
+    ) -> None:
         self.item = Real(lo, hi, **kwargs)
+        self.unique = unique  # False: repeats allowed (per-channel values, e.g. --mean 0.5,0.5,0.5)
         self.name = f"comma-separated reals in {self.item.range_text()}"
         self.metavar = "FLOAT,..."
 
@@ -364,7 +368,7 @@ class Reals(QmarginType):
         if not parts:
             raise ValueError("give at least one value")
         values = [self.item.parse(p) for p in parts]
-        if len(set(values)) != len(values):
+        if self.unique and len(set(values)) != len(values):
             raise ValueError(f"duplicate values in {text!r}")
         return values
 

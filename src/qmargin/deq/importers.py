@@ -25,21 +25,18 @@
   mirrored term on tier ``t - 1``) are not the circular ``(1 - m) I - A^T A + B - B^T`` that
   :class:`~qmargin.deq.monotone.MonotoneMultiConv` realizes: importing it would change the network.
 
-A file is read only with ``torch.load(path, map_location="cpu", weights_only=True)``: no arbitrary
-pickled objects are ever executed. Anything that is not a dict of tensors with the expected keys and
-consistent shapes, or whose entries are not finite ``float32`` tensors (no silent casts),
-raises :class:`qmargin.errors.CheckpointError` (one line). A top-level wrapper
+A file is read by :func:`qmargin.weights.read_state_dict` (``torch.load(path, map_location="cpu",
+weights_only=True)``, or safetensors): no arbitrary pickled objects are ever executed. Anything that
+is not a dict of tensors with the expected keys and consistent shapes, or whose entries are not
+finite ``float32`` tensors (no silent casts), raises :class:`qmargin.errors.CheckpointError` (one
+line). A top-level wrapper
 ``{"state_dict": {...}}`` (or ``"model_state_dict"``, ``"model"``) is unwrapped.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +46,7 @@ from torch import Tensor, nn
 from qmargin.deq.classifier import MonDEQClassifier
 from qmargin.deq.monotone import M_EPS, MonotoneConv, MonotoneLinear
 from qmargin.errors import CheckpointError
+from qmargin.weights import Source, read_state_dict
 
 __all__ = [
     "REFERENCE_2020_KEYS",
@@ -75,52 +73,8 @@ COMPANION_2026_KEYS = (
     "mon.core.A", "mon.core.S", "mon.core.m_raw", "mon.core.U", "mon.core.b",
     "classifier.weight", "classifier.bias",
 )
-_WRAPPERS = ("state_dict", "model_state_dict", "model")
 WEIGHT_DTYPE = torch.float32
 """The dtype every imported entry must have (the classifier's parameters): nothing is cast on import."""
-
-Source = str | os.PathLike | Mapping[str, Any]
-
-
-def _one_line(text: str | BaseException, limit: int = 160) -> str:
-    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def read_state_dict(source: Source) -> dict[str, Tensor]:
-    """A state dict from a path (``torch.load(..., weights_only=True)``) or a mapping, tensors checked."""
-    where = "state dict"
-    if isinstance(source, Mapping):
-        obj: Any = source
-    else:
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-        try:
-            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-                warnings.simplefilter("ignore")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            reason = _one_line(e)
-            if "Weights only load failed" in reason:
-                reason = "it needs arbitrary Python objects to load, which qmargin refuses"
-            raise CheckpointError(f"cannot read {path} as a state dict of tensors: {reason}") from None
-        except Exception as e:  # truncated or foreign files
-            raise CheckpointError(
-                f"cannot read {path} as a weights-only torch checkpoint: {type(e).__name__}: {_one_line(e)}"
-            ) from None
-    if isinstance(obj, Mapping):
-        for w in _WRAPPERS:
-            if w in obj and isinstance(obj[w], Mapping) and len(obj) <= 3:
-                obj = obj[w]
-                break
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a dict of tensors")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{where}: entries that are not named tensors: {', '.join(map(str, bad[:3]))}")
-    return dict(obj)
 
 
 def detect_format(state_dict: Mapping[str, Any]) -> str | None:

@@ -1,0 +1,360 @@
+"""Stress a user's own network: ``qmargin evaluate --model pkg.module:factory --data SPEC ...``.
+
+The steps, each failing with a one-line :class:`qmargin.errors.UserError` before anything is written:
+
+1. **Build**: the factory named ``pkg.module:factory`` or ``path/to/file.py:factory``
+   (:func:`qmargin.data.specs.load_object`) is called with the ``--model-arg`` keywords and must
+   return an ``nn.Module``. An import that fails or a factory that raises is a :class:`ConfigError`
+   naming the spec and the exception's first line.
+2. **Weights** (optional): a ``.safetensors`` file or a ``.pt`` / ``.pth`` state dict read by
+   :func:`qmargin.weights.read_state_dict` (``torch.load(..., weights_only=True)``: a pickle payload
+   is refused, never run). Loading is strict: missing, unexpected and mis-shaped entries are named
+   with their shapes (:func:`check_fit`); dtypes must match and every floating tensor be finite
+   (:func:`qmargin.training.validation.check_weights`, the check qmargin's own checkpoints pass).
+3. **Quantize**: a float model is quantized after training (:func:`qmargin.quant.quantize_model`:
+   every ``nn.Linear`` / ``nn.Conv2d`` selected by ``layers`` and not by ``exclude`` gets ``bits``-bit
+   stored weights, symmetric or asymmetric, per tensor or per output channel). A model that already
+   holds qmargin quantized layers is used as it is (its stored formats are what is stressed); its
+   ``layers``/``exclude`` then only select the layers bit errors hit. Tensors in another quantized
+   layout (``torch.ao`` quantized tensors) are refused.
+4. **Stress**: a paired bit-error campaign over the data spec (:func:`qmargin.data.specs.open_data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qmargin.data.specs import DataSource, ImageOptions, load_object, open_data
+from qmargin.errors import CheckpointError, ConfigError, DataError
+from qmargin.experiments.campaign import run_ber_campaign, weights_record
+from qmargin.experiments.evaluate import DEFAULT_PTQ_BITS, error_model_for
+from qmargin.files import check_outputs, holds_lock
+from qmargin.quant import QuantSpec, quantize_model, quantized_modules
+from qmargin.training import resolve_device
+from qmargin.training.validation import check_weights
+from qmargin.weights import one_line, read_state_dict
+
+__all__ = [
+    "QuantOptions",
+    "ExternalModel",
+    "build_model",
+    "check_fit",
+    "load_weights",
+    "check_layout",
+    "quantize_external",
+    "load_external_model",
+    "evaluate_external",
+    "external_input_files",
+    "ImageOptions",
+]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Post-training quantization of a float model (step 3 of the module docstring).
+
+    ``bits=None`` means :data:`qmargin.experiments.evaluate.DEFAULT_PTQ_BITS` for a float model and
+    "as stored" for a model that is already quantized (an explicit ``bits`` is then an error).
+    """
+
+    bits: int | None = None
+    symmetric: bool = True
+    per_channel: bool = False
+    layers: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def spec(self) -> QuantSpec:
+        bits = DEFAULT_PTQ_BITS if self.bits is None else self.bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ConfigError(f"--bits must be in 1..8 for stored weights, got {bits!r}")
+        return QuantSpec(bits=bits, symmetric=self.symmetric, per_channel=self.per_channel)
+
+    @property
+    def is_default_format(self) -> bool:
+        return self.bits is None and self.symmetric and not self.per_channel
+
+
+@dataclass
+class ExternalModel:
+    """A user's model ready to stress, and what it was built from (``config``, plain JSON)."""
+
+    model: nn.Module
+    layers: list[dict[str, Any]]
+    mode: str  # "ptq" (quantized here) or "given" (already quantized)
+    config: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, str] | None = None
+
+
+# -- build ----------------------------------------------------------------------------------------
+
+
+def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Call the factory ``spec`` (``pkg.module:factory`` or ``file.py:factory``) with ``kwargs``."""
+    factory = load_object(spec, what="model factory", error=ConfigError)
+    if not callable(factory):
+        raise ConfigError(f"model factory {spec!r} is a {type(factory).__name__}, not callable")
+    try:
+        model = factory(**dict(kwargs or {}))
+    except Exception as e:
+        raise ConfigError(f"model factory {spec!r} raised {type(e).__name__}: {one_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_fit(where: str | Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Names and shapes of ``tensors`` equal ``expected`` (a model's ``state_dict()``); else one
+    :class:`CheckpointError` naming the first three missing, unexpected and mis-shaped entries."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    shapes = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append("missing " + ", ".join(f"{k} {_shape(expected[k])}" for k in missing[:3]))
+    if unexpected:
+        parts.append("unexpected " + ", ".join(f"{k} {_shape(tensors[k])}" for k in unexpected[:3]))
+    if shapes:
+        parts.append(
+            "shape mismatch "
+            + ", ".join(f"{k} {_shape(tensors[k])} vs model {_shape(expected[k])}" for k in shapes[:3])
+        )
+    if parts:
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped"
+        raise CheckpointError(f"{where} does not fit the model ({counts}): {'; '.join(parts)}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a weights file into ``model`` strictly (module docstring, step 2); return its
+    :func:`weights_record` (file and SHA-256, stored in the result)."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    check_fit(path, sd, own)
+    check_weights(path, sd, own)  # dtypes (nothing is cast) and finite values
+    model.load_state_dict(sd, strict=True)
+    return weights_record(path)
+
+
+_GIVE = "give the float model (qmargin quantizes it, --bits) or one built from qmargin.quant layers"
+
+
+def check_layout(model: nn.Module) -> None:
+    """Refuse tensors stored in a quantized layout qmargin does not read (``torch.ao`` quantized
+    tensors): bit errors act on qmargin's stored codes (``QuantizedTensors``)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_quantized:
+            raise ConfigError(
+                f"unsupported quantized layout: {name} is a torch quantized tensor ({t.dtype}); {_GIVE}"
+            )
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls.__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+            raise ConfigError(
+                f"unsupported quantized layout: layer {name!r} is a {cls.__module__}.{cls.__name__}; {_GIVE}"
+            )
+
+
+def _layer_rows(model: nn.Module, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    chosen = None if names is None else set(names)
+    rows = []
+    for name, m in quantized_modules(model):
+        if chosen is not None and name not in chosen:
+            continue
+        for tname, spec in m.quant_specs.items():
+            rows.append(
+                {
+                    "layer": name,
+                    "kind": type(m).__name__,
+                    "tensor": tname,
+                    "shape": list(m.float_tensor(tname).shape),
+                    "bits": spec.bits,
+                    "quant": "sym" if spec.symmetric else "asym",
+                    "per_channel": spec.per_channel,
+                }
+            )
+    return rows
+
+
+def quantize_external(model: nn.Module, options: QuantOptions) -> tuple[list[dict[str, Any]], str]:
+    """Quantize a float model in place, or keep a quantized one (module docstring, step 3).
+
+    Returns the layer table (one row per stored tensor: layer, kind, tensor, shape, bits, quant,
+    per_channel) and the mode (``"ptq"`` or ``"given"``).
+    """
+    check_layout(model)
+    if any(True for _ in quantized_modules(model)):
+        if not options.is_default_format:
+            raise ConfigError(
+                "the model already holds qmargin quantized layers, which are stressed as they are stored; "
+                "--bits, --quant asym and --per-channel are for float models"
+            )
+        return _layer_rows(model), "given"
+    spec = options.spec()
+    include = None if tuple(options.layers) in ((), ("*",)) else list(options.layers)
+    try:
+        converted = quantize_model(model, spec, include=include, exclude=list(options.exclude) or None)
+    except TypeError as e:  # a bare nn.Linear / nn.Conv2d as the whole model
+        raise ConfigError(f"cannot quantize the model: {one_line(e)}") from None
+    if not converted:
+        sel = f" matching --layers {','.join(options.layers)}" if include else ""
+        sel += f" outside --exclude {','.join(options.exclude)}" if options.exclude else ""
+        raise ConfigError(f"the model has no nn.Linear or nn.Conv2d layer{sel} to quantize")
+    return _layer_rows(model, converted), "ptq"
+
+
+def load_external_model(
+    spec: str,
+    *,
+    model_args: Mapping[str, Any] | None = None,
+    weights: str | Path | None = None,
+    quant: QuantOptions | None = None,
+) -> ExternalModel:
+    """Steps 1-3 of the module docstring: the model in eval mode, quantized, with its record."""
+    quant = quant or QuantOptions()
+    model = build_model(spec, model_args)
+    check_layout(model)  # before the weights: a foreign layout's state dict is not ours to read
+    record = load_weights(model, weights) if weights is not None else None
+    layers, mode = quantize_external(model, quant)
+    model.eval()
+    config: dict[str, Any] = {
+        "model": spec,
+        "model_args": dict(model_args or {}),
+        "weights_file": None if weights is None else str(Path(weights).resolve()),
+        "quantization": {
+            "mode": mode,
+            **(
+                {
+                    "bits": quant.spec().bits,
+                    "quant": "sym" if quant.symmetric else "asym",
+                    "per_channel": quant.per_channel,
+                    "layers": list(quant.layers),
+                    "exclude": list(quant.exclude),
+                }
+                if mode == "ptq"
+                else {}
+            ),
+        },
+        "quantized_layers": layers,
+    }
+    return ExternalModel(model, layers, mode, config, record)
+
+
+# -- stress ---------------------------------------------------------------------------------------
+
+
+def external_input_files(weights: str | Path | None, data: str) -> list[Path]:
+    """Files the command reads (no output may be one of them)."""
+    files = [Path(weights)] if weights is not None else []
+    kind, _, rest = data.partition(":")
+    if kind in ("npz", "folder") and rest:
+        files.append(Path(rest))
+    elif data.rpartition(":")[0].endswith(".py"):
+        files.append(Path(data.rpartition(":")[0]))
+    return files
+
+
+def _preflight(model: nn.Module, source: DataSource, device: torch.device) -> int:
+    """Run the model once on the first batch: it must give ``(B, C)`` logits. Returns ``C``."""
+    try:
+        xb, yb = next(iter(source.loader))
+    except StopIteration:
+        raise DataError(f"{source.spec}: the data is empty") from None
+    try:
+        with torch.inference_mode():
+            out = model.to(device)(xb.to(device))
+    except Exception as e:
+        raise ConfigError(
+            f"the model fails on the first batch of {source.spec} (inputs {tuple(xb.shape)}): "
+            f"{type(e).__name__}: {one_line(e)}"
+        ) from None
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != xb.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(f"the model must return logits (batch, classes) on {source.spec}, got {got}")
+    return int(out.shape[1])
+
+
+def _materialize(source: DataSource) -> tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for xb, yb in source.loader:
+        xs.append(xb)
+        ys.append(yb)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@holds_lock("out_path", kind="file")
+def evaluate_external(
+    model_spec: str,
+    data_spec: str,
+    *,
+    bers: Sequence[float],
+    repeats: int,
+    base_seed: int,
+    out_path: str | Path,
+    model_args: Mapping[str, Any] | None = None,
+    weights: str | Path | None = None,
+    quant: QuantOptions | None = None,
+    image: ImageOptions | None = None,
+    protected_bits: Sequence[int] = (),
+    include_bias: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Callable[[Any], None] | None = None,
+    patterns_per_pass: int = 1,
+    on_model: Callable[[ExternalModel], None] | None = None,
+) -> dict[str, Any]:
+    """Build, load, quantize and stress a user's model on a data spec (module docstring).
+
+    ``on_model`` is called with the prepared :class:`ExternalModel` before the campaign starts (the
+    CLI prints the quantized layers). The result is the campaign dict of
+    :func:`qmargin.experiments.campaign.run_ber_campaign`; its ``config`` holds the model spec,
+    arguments, weights file, quantization, the layer table and the data description.
+    """
+    check_outputs(
+        {"result JSON": out_path, "CSV": Path(out_path).with_suffix(".csv")},
+        inputs=external_input_files(weights, data_spec),
+    )
+    quant = quant or QuantOptions()
+    dev = resolve_device(device)
+    source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
+    ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
+    num_classes = _preflight(ext.model, source, dev)
+    if source.num_classes is not None and source.num_classes > num_classes:
+        raise DataError(f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs")
+    source.loader.num_classes = num_classes  # labels are checked against the outputs as they stream
+    if on_model is not None:
+        on_model(ext)
+    x, y = _materialize(source)
+    layers = tuple(quant.layers) if ext.mode == "given" else ("*",)
+    template = error_model_for(protected_bits=protected_bits, layers=layers, include_bias=include_bias)
+    if ext.mode == "given" and quant.exclude:
+        template = dataclasses.replace(template, exclude=tuple(quant.exclude))
+    config = {**ext.config, "data": data_spec, "data_source": source.describe}
+    return run_ber_campaign(
+        ext.model,
+        x,
+        y,
+        bers=bers,
+        repeats=repeats,
+        base_seed=base_seed,
+        error_model=template,
+        batch_size=batch_size,
+        out_path=out_path,
+        config=config,
+        device=dev,
+        progress=progress,
+        overwrite=overwrite,
+        patterns_per_pass=patterns_per_pass,
+        weights=ext.weights,
+    )
