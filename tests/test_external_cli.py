@@ -199,3 +199,64 @@ def test_the_two_forms_do_not_mix(newcomer, capsys, args, needle):
     code, _, err = cli(capsys, *args)
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert not (newcomer[0] / "r.json").exists()
+
+
+def test_metrics_identity_and_formats_on_a_streamed_user_model(newcomer, capsys):
+    tmp, model, x, y = newcomer
+    (tmp / "mymetrics.py").write_text(
+        "import math\n"
+        "from qmargin.engine.metrics import Metric\n"
+        "def true_logit(outputs, targets):\n"
+        "    return float(outputs.gather(1, targets[:, None]).sum()), int(targets.numel())\n"
+        "def broken(outputs, targets):\n"
+        "    return math.nan, int(targets.numel())\n"
+        "def loss_sum(outputs, targets):\n"
+        "    import torch.nn.functional as F\n"
+        "    return float(F.cross_entropy(outputs, targets, reduction='sum')), int(targets.numel())\n"
+        "LOSS = Metric.from_callable(loss_sum, name='my loss', higher_is_better=False)\n"
+    )
+    common = ["evaluate", "--model", "mycnn.py:make_cnn", "--weights", "cnn.safetensors",
+              "--data", "npz:test.npz", "--bits", "4", *FAST]  # fmt: skip
+    # a user callable (sum, count): its clean value is the direct computation on the 4-bit model
+    code, out, err = cli(capsys, *common, "--metric", "mymetrics.py:true_logit", "--out", "m.json")
+    assert code == 0, err
+    r = json.loads((tmp / "m.json").read_text())
+    assert r["metric"]["name"] == "mymetrics.py:true_logit" and r["metric"]["higher_is_better"] is True
+    assert "clean_value" in r and "values" in r["results"][0]
+    assert r["results"][0]["values"] == [r["clean_value"]] * 2  # BER 0: nothing flips
+    # top5 of a 5-class model is 1.0 at every BER; cross_entropy is lower-is-better
+    code, out, err = cli(capsys, *common, "--metric", "top5", "--out", "t5.json")
+    assert code == 0, err
+    r5 = json.loads((tmp / "t5.json").read_text())
+    assert r5["clean_value"] == 1.0 and all(v == 1.0 for e in r5["results"] for v in e["values"])
+    code, out, err = cli(capsys, *common, "--metric", "mymetrics.py:LOSS", "--out", "l.json")
+    assert code == 0, err
+    rl = json.loads((tmp / "l.json").read_text())
+    assert rl["metric"]["higher_is_better"] is False and "my loss" in out
+    # --data-identity replaces the hash, and the file says which was used
+    code, _, err = cli(capsys, *common, "--data-identity", "test-v1", "--out", "i.json")
+    assert code == 0, err
+    ri = json.loads((tmp / "i.json").read_text())
+    assert ri["evaluation"]["data_fingerprint"] == "identity"
+    assert ri["fingerprint"].get("data_identity") == "test-v1" and "data_sha256" not in ri["fingerprint"]
+    r0 = json.loads((tmp / "t5.json").read_text())
+    assert r0["evaluation"]["data_fingerprint"] == "sha256" and len(r0["fingerprint"]["data_sha256"]) == 64
+    # another identity on resume: one line naming the setting, exit 2
+    code, _, err = cli(capsys, *common, "--data-identity", "test-v2", "--out", "i.json")
+    assert code == 2 and "data_identity" in err and "test-v1" in err and "test-v2" in err
+    assert len(err.strip().splitlines()) == 1
+    # a metric that returns NaN: one line, exit 2, nothing complete written
+    code, _, err = cli(capsys, *common, "--metric", "mymetrics.py:broken", "--out", "n.json")
+    assert code == 2 and "non-finite" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp / "n.json").exists() or json.loads((tmp / "n.json").read_text())["status"] != "complete"
+    # storage formats reach the --model path (recorded in the error model)
+    code, _, err = cli(capsys, *common, "--storage", "sign-magnitude", "--saturate", "--out", "s.json")
+    assert code == 0, err
+    rs = json.loads((tmp / "s.json").read_text())
+    assert rs["error_model"]["storage"] == "sign_magnitude" and rs["error_model"]["saturate"] is True
+    # an unknown metric name: one line
+    code, _, err = cli(capsys, *common, "--metric", "top-one", "--out", "u.json")
+    assert code == 2 and "unknown metric" in err
+    # --data-identity is for --model only
+    code, _, err = cli(capsys, "evaluate", str(tmp), "--data-identity", "x", *FAST)
+    assert code == 2 and "--data-identity" in err

@@ -476,6 +476,21 @@ def evaluate(
     nested: Annotated[
         bool, typer.Option(help="Nested patterns: bits flipped at a lower BER are a subset (same seed).")
     ] = False,
+    metric: Annotated[
+        str,
+        typer.Option(
+            click_type=opt.Text(),
+            help="top1 | topK (e.g. top5) | cross_entropy | pkg.module:name / file.py:name (a Metric, "
+            "or fn(outputs, targets) -> (sum, count) per batch).",
+        ),
+    ] = "top1",
+    data_identity: Annotated[
+        str | None,
+        typer.Option(
+            click_type=opt.Text(),
+            help="--model: name the data with this string instead of hashing it while it streams.",
+        ),
+    ] = None,
 ) -> None:
     """Accuracy under random bit errors: BER grid x seeded patterns (resumable).
 
@@ -499,6 +514,7 @@ def evaluate(
         "--mean": mean is not None,
         "--std": std is not None,
         "--grayscale": grayscale,
+        "--data-identity": data_identity is not None,
     }
     if model is not None:
         if run is not None:
@@ -533,6 +549,11 @@ def evaluate(
             overwrite=overwrite,
             plot=plot,
             quiet=quiet,
+            metric=metric,
+            data_identity=data_identity,
+            storage=storage,
+            saturate=saturate,
+            nested=nested,
         )
         return
     if run is None:
@@ -569,13 +590,18 @@ def evaluate(
             storage=storage,
             saturate=saturate,
             nested=nested,
+            metric=metric,
         )
     if "ptq_bits" in result.get("config", {}):
         console.print(
             f"float run: evaluated after post-training quantization to "
             f"{result['config']['ptq_bits']}-bit codes"
         )
-    console.print(ber_table(result, title=f"{run}: accuracy under random bit errors ({repeats} patterns)"))
+    console.print(
+        ber_table(
+            result, title=f"{run}: {_metric_label(result)} under random bit errors ({repeats} patterns)"
+        )
+    )
     if any("failures" in r for r in result["results"]):
         n_test = result.get("evaluation", {}).get("n_test", "?")
         parts = [
@@ -618,6 +644,11 @@ def _evaluate_model(
     overwrite: bool,
     plot: bool,
     quiet: bool,
+    metric: str,
+    data_identity: str | None,
+    storage: str | None,
+    saturate: bool | None,
+    nested: bool,
 ) -> None:
     """``qmargin evaluate --model ...``: a user's own network (qmargin.experiments.external)."""
     if data is None:
@@ -674,15 +705,27 @@ def _evaluate_model(
             progress=progress,
             patterns_per_pass=patterns_per_pass,
             on_model=show_layers,
+            metric=metric,
+            data_identity=data_identity,
+            storage=storage,
+            saturate=saturate,
+            nested=nested,
         )
     n = result.get("evaluation", {}).get("n_test", "?")
-    console.print(ber_table(result, title=f"{data}: {n} samples, accuracy (%)"))
+    console.print(ber_table(result, title=f"{data}: {n} samples, {_metric_label(result)}"))
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(out.stem, result)], png, title=f"{model} on {data}")
         console.print(f"wrote {out}, {out.with_suffix('.csv')}, {png}")
     else:
         console.print(f"wrote {out}, {out.with_suffix('.csv')}")
+
+
+def _metric_label(result: dict) -> str:
+    """``"accuracy (%)"`` for top-1 results, else the metric's name (``"top5 (%)"``, ``"cross_entropy"``)."""
+    m = result.get("metric") or {"name": "top1", "fraction": True}
+    name = "accuracy" if m.get("name") == "top1" else str(m.get("name"))
+    return f"{name} (%)" if m.get("fraction") else name
 
 
 def _layers_table(rows: list[dict], title: str):

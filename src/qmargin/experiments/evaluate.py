@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmargin.data import dataset_info, load_dataset
+from qmargin.data.specs import load_object
+from qmargin.engine.metrics import Metric, resolve_metric
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign, weights_record
 from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
@@ -25,6 +27,7 @@ __all__ = [
     "post_training_quantized",
     "run_input_files",
     "DEFAULT_PTQ_BITS",
+    "metric_from_spec",
 ]
 
 DEFAULT_PTQ_BITS = 8
@@ -77,6 +80,24 @@ def run_input_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+def metric_from_spec(spec: str | Metric) -> Metric:
+    """The metric named on the command line: a built-in (``top1``, ``topK`` such as ``top5``,
+    ``cross_entropy``; :func:`qmargin.engine.metrics.resolve_metric`) or ``pkg.module:name`` /
+    ``file.py:name`` naming a :class:`~qmargin.engine.metrics.Metric` or a callable
+    ``fn(outputs, targets) -> (sum, count)`` (higher is better; define a ``Metric`` for the other
+    direction). Anything else is a one-line ``ConfigError``."""
+    if isinstance(spec, Metric):
+        return spec
+    if ":" not in spec:
+        return resolve_metric(spec)
+    obj = load_object(spec, what="metric", error=ConfigError)
+    if isinstance(obj, Metric):
+        return obj
+    if not callable(obj):
+        raise ConfigError(f"metric {spec!r} is a {type(obj).__name__}, not a Metric or a callable")
+    return Metric.from_callable(obj, name=spec)
+
+
 @holds_lock("out_path", kind="file")  # one campaign per result file, for the whole run
 @holds_lock("run_dir", shared=True)  # readers share the run; a training into it is refused meanwhile
 def evaluate_run(
@@ -99,6 +120,7 @@ def evaluate_run(
     storage: str | None = None,
     saturate: bool | None = None,
     nested: bool = False,
+    metric: Any = "top1",
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -111,7 +133,8 @@ def evaluate_run(
     ``storage`` / ``saturate`` choose the memory's word format and decode for this campaign (the
     codes are the run's; ``None`` keeps the specs'), ``nested`` draws nested patterns across the grid
     (:func:`error_model_for`); they are recorded in the result's ``error_model`` settings, so a
-    resume with other choices is refused.
+    resume with other choices is refused. ``metric``: top-1 by default, or any metric of
+    :func:`metric_from_spec` (a name or ``pkg.module:name``).
     """
     if out_path is not None:
         check_outputs(
@@ -132,8 +155,12 @@ def evaluate_run(
         )
     data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
     template = error_model_for(
-        protected_bits=protected_bits, layers=layers, include_bias=include_bias,
-        storage=storage, saturate=saturate, nested_bers=bers if nested else None,
+        protected_bits=protected_bits,
+        layers=layers,
+        include_bias=include_bias,
+        storage=storage,
+        saturate=saturate,
+        nested_bers=bers if nested else None,
     )
     return run_ber_campaign(
         model,
@@ -151,6 +178,7 @@ def evaluate_run(
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
         weights=weights,
+        metric=metric_from_spec(metric),
     )
 
 

@@ -17,7 +17,9 @@ The steps, each failing with a one-line :class:`qmargin.errors.UserError` before
    holds qmargin quantized layers is used as it is (its stored formats are what is stressed); its
    ``layers``/``exclude`` then only select the layers bit errors hit. Tensors in another quantized
    layout (``torch.ao`` quantized tensors) are refused.
-4. **Stress**: a paired bit-error campaign over the data spec (:func:`qmargin.data.specs.open_data`).
+4. **Stress**: a paired bit-error campaign over the data spec (:func:`qmargin.data.specs.open_data`),
+   streamed through :class:`qmargin.engine.Evaluation` (never held whole in memory) with any metric
+   (:func:`qmargin.experiments.evaluate.metric_from_spec`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.data.specs import DataSource, ImageOptions, load_object, open_data
+from qmargin.engine import Evaluation, run_campaign
+from qmargin.engine.metrics import Metric
 from qmargin.errors import CheckpointError, ConfigError, DataError
-from qmargin.experiments.campaign import run_ber_campaign, weights_record
-from qmargin.experiments.evaluate import DEFAULT_PTQ_BITS, error_model_for
+from qmargin.experiments.campaign import weights_record
+from qmargin.experiments.evaluate import DEFAULT_PTQ_BITS, error_model_for, metric_from_spec
 from qmargin.files import check_outputs, holds_lock
 from qmargin.quant import QuantSpec, quantize_model, quantized_modules
 from qmargin.training import resolve_device
@@ -263,8 +267,9 @@ def external_input_files(weights: str | Path | None, data: str) -> list[Path]:
     return files
 
 
-def _preflight(model: nn.Module, source: DataSource, device: torch.device) -> int:
-    """Run the model once on the first batch: it must give ``(B, C)`` logits. Returns ``C``."""
+def _preflight(model: nn.Module, source: DataSource, device: torch.device, *, logits: bool) -> int | None:
+    """Run the model once on the first batch. With ``logits`` (a classification metric) it must give
+    ``(B, C)`` logits and ``C`` is returned; otherwise any output is accepted (``None``)."""
     try:
         xb, yb = next(iter(source.loader))
     except StopIteration:
@@ -277,18 +282,12 @@ def _preflight(model: nn.Module, source: DataSource, device: torch.device) -> in
             f"the model fails on the first batch of {source.spec} (inputs {tuple(xb.shape)}): "
             f"{type(e).__name__}: {one_line(e)}"
         ) from None
+    if not logits:
+        return None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != xb.shape[0]:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ConfigError(f"the model must return logits (batch, classes) on {source.spec}, got {got}")
     return int(out.shape[1])
-
-
-def _materialize(source: DataSource) -> tuple[Tensor, Tensor]:
-    xs, ys = [], []
-    for xb, yb in source.loader:
-        xs.append(xb)
-        ys.append(yb)
-    return torch.cat(xs), torch.cat(ys)
 
 
 @holds_lock("out_path", kind="file")
@@ -313,46 +312,64 @@ def evaluate_external(
     progress: Callable[[Any], None] | None = None,
     patterns_per_pass: int = 1,
     on_model: Callable[[ExternalModel], None] | None = None,
+    metric: str | Metric = "top1",
+    data_identity: str | None = None,
+    storage: str | None = None,
+    saturate: bool | None = None,
+    nested: bool = False,
 ) -> dict[str, Any]:
     """Build, load, quantize and stress a user's model on a data spec (module docstring).
 
+    The data is streamed batch by batch on every pass (:class:`qmargin.engine.Evaluation` over the
+    spec's checked batches; never held whole in memory) and fingerprinted while it streams, unless
+    ``data_identity`` names it. ``metric``: :func:`qmargin.experiments.evaluate.metric_from_spec`.
+    ``storage`` / ``saturate`` / ``nested``: as :func:`qmargin.experiments.evaluate.error_model_for`.
     ``on_model`` is called with the prepared :class:`ExternalModel` before the campaign starts (the
     CLI prints the quantized layers). The result is the campaign dict of
-    :func:`qmargin.experiments.campaign.run_ber_campaign`; its ``config`` holds the model spec,
-    arguments, weights file, quantization, the layer table and the data description.
+    :func:`qmargin.engine.run_campaign`; its ``config`` holds the model spec, arguments, weights
+    file, quantization, the layer table and the data
+    description.
     """
     check_outputs(
         {"result JSON": out_path, "CSV": Path(out_path).with_suffix(".csv")},
         inputs=external_input_files(weights, data_spec),
     )
     quant = quant or QuantOptions()
+    resolved = metric_from_spec(metric)
     dev = resolve_device(device)
     source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
     ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
-    num_classes = _preflight(ext.model, source, dev)
-    if source.num_classes is not None and source.num_classes > num_classes:
-        raise DataError(f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs")
-    source.loader.num_classes = num_classes  # labels are checked against the outputs as they stream
+    num_classes = _preflight(ext.model, source, dev, logits=resolved.batch is None)
+    if num_classes is not None:
+        if source.num_classes is not None and source.num_classes > num_classes:
+            raise DataError(
+                f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs"
+            )
+        source.loader.num_classes = num_classes  # labels are checked against the outputs as they stream
     if on_model is not None:
         on_model(ext)
-    x, y = _materialize(source)
     layers = tuple(quant.layers) if ext.mode == "given" else ("*",)
-    template = error_model_for(protected_bits=protected_bits, layers=layers, include_bias=include_bias)
+    template = error_model_for(
+        protected_bits=protected_bits,
+        layers=layers,
+        include_bias=include_bias,
+        storage=storage,
+        saturate=saturate,
+        nested_bers=bers if nested else None,
+    )
     if ext.mode == "given" and quant.exclude:
         template = dataclasses.replace(template, exclude=tuple(quant.exclude))
     config = {**ext.config, "data": data_spec, "data_source": source.describe}
-    return run_ber_campaign(
+    evaluation = Evaluation(source.loader, resolved, identity=data_identity, device=dev)
+    return run_campaign(
         ext.model,
-        x,
-        y,
+        evaluation,
         bers=bers,
         repeats=repeats,
         base_seed=base_seed,
         error_model=template,
-        batch_size=batch_size,
         out_path=out_path,
         config=config,
-        device=dev,
         progress=progress,
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
