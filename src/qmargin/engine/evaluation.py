@@ -40,7 +40,7 @@ def hash_tensor(h: Any, name: str, t: Tensor) -> None:
     """Feed ``name|dtype|shape|`` and the raw bytes of ``t`` to the hash ``h``."""
     t = t.detach().cpu().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy of the data
 
 
 def tensor_fingerprint(x: Tensor, y: Tensor) -> str:
