@@ -72,12 +72,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="test samples (default 2000; --quick 500)")
-    ap.add_argument("--repeats", type=int, default=None, help="patterns per BER (default 8; --quick 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="patterns per BER (default 10; --quick 4)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--write-md", action="store_true")
     args = ap.parse_args()
     n = args.n or (500 if args.quick else 2000)
-    repeats = args.repeats or (4 if args.quick else 8)
+    repeats = args.repeats or (4 if args.quick else 10)
     bers = [1e-3, 1e-2]
     load_before = _uptime()
 

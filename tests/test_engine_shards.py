@@ -172,7 +172,7 @@ def test_merge_refuses_a_cell_given_twice_and_missing_cells(shards, tmp_path, ca
     line = _cli_error(["merge", str(shards[0]), str(shards[0]), "--out", str(tmp_path / "m.json")], capsys)
     assert "given twice" in line
     line = _cli_error(["merge", str(shards[0]), str(shards[2]), "--out", str(tmp_path / "m.json")], capsys)
-    assert "4 of 12 cells are missing" in line and "shards 2/3 not given" in line, line
+    assert "4 of 12 cells are missing" in line and "not given: shard 2/3" in line, line
     assert not (tmp_path / "m.json").exists()
     line = _cli_error(["merge", str(shards[0]), str(shards[1]), "--out", str(shards[0])], capsys)
     assert "input" in line, line

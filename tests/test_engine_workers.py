@@ -276,6 +276,23 @@ def test_data_that_cannot_travel_is_one_line(ray_local, model_and_data):
     assert "\n" not in str(err.value) and "(x, y) tensors" in str(err.value)
 
 
+def test_more_workers_than_cpus_and_a_gpu_device_are_refused(ray_local, model_and_data):
+    m, data = model_and_data
+    with pytest.raises(ConfigError, match="3 workers need 3 CPUs; the Ray cluster has 2"):
+        run_campaign(m, Evaluation(data), bers=[0.1], repeats=2, base_seed=0, workers=3)
+    ev = Evaluation(data)
+    ev.device = torch.device("meta")  # any device but the CPU, without needing a GPU
+    with pytest.raises(ConfigError, match="workers evaluate on CPU"):
+        RayExecutor(workers=2).start(_job(m, ev))
+
+
+def _job(model, evaluation):
+    from qmargin.engine.executors import CellJob
+    from qmargin.faults import BitErrorModel
+
+    return CellJob(model, evaluation, BitErrorModel(ber=0.0), False)
+
+
 @pytest.mark.parametrize(
     "flag, value", [("--workers", "0"), ("--workers", "-1"), ("--workers", "abc"), ("--workers", "1.5"),
                     ("--ray-address", ""), ("--ray-address", " ")]

@@ -55,8 +55,9 @@ __all__ = [
 MAX_RESTARTS = 3
 
 
-class WorkerError(RuntimeError):
-    """A Ray worker failed for a reason that is not the user's input (it died too often)."""
+class WorkerError(UserError):
+    """Ray workers kept dying (out of memory, killed): one line, like a user's mistake, since the
+    remedy is the user's (fewer workers, more memory); the finished cells are saved."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,13 @@ class _CellWorker:
         if self._job is None:
             import ray
 
-            model, evaluation = ray.get(refs)
+            try:
+                model, evaluation = ray.get(refs)
+            except Exception as err:  # a module the model or data needs is missing on this node
+                raise ConfigError(
+                    f"a worker could not load the model or the data ({_first_line(err)}); install "
+                    "qmargin and the modules your model and data need on every node"
+                ) from None
             template, count_failures, per_pass = self._params
             self._stack.enter_context(prepared(model, evaluation.device, template))
             self._job = CellJob(model, evaluation, template, count_failures, per_pass)
@@ -244,7 +251,10 @@ class RayExecutor:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise ConfigError(f"could not start {where}: {_first_line(err)}") from None
             self._started_ray = True
-        n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        n = self.workers or max(1, cpus)
+        if n > cpus:  # an actor takes one CPU: the others would wait for ever
+            raise ConfigError(f"{n} workers need {n} CPUs; the Ray cluster has {cpus}")
         for module in _user_modules():
             ray.cloudpickle.register_pickle_by_value(module)
         try:

@@ -533,13 +533,13 @@ def merge_results(
             absent = [f"{i}/{n}" for i in range(1, n + 1) if i not in have]
             partial = [f"{name} ({shard_label(r)})" for name, r in results if r["status"] != "complete"]
             hint = "; ".join(
-                ([f"shards {', '.join(absent)} not given"] if absent else [])
+                ([f"not given: shard {', '.join(absent)}"] if absent else [])
                 + ([f"partial: {', '.join(partial)}"] if partial else [])
             )
             hint = f" ({hint})" if hint else ""
         raise ConfigError(
             f"{len(missing)} of {grid.size} cells are missing, the first BER {grid.bers[k]:g}, "
-            f"pattern {r}{hint}; give every shard complete, or allow a partial result"
+            f"pattern {r}{hint}; give every shard, complete (or allow a partial result: --allow-partial)"
         )
     return state.result(0.0)
 
