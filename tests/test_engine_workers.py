@@ -236,6 +236,37 @@ def test_a_killed_driver_resumes_from_the_store(ray_local, model_and_data, tmp_p
     assert out.with_suffix(".csv").read_text() == (tmp_path / "seq.csv").read_text()
 
 
+def test_ray_address_runs_on_an_existing_cluster(ray_local, model_and_data, tmp_path):
+    """``qmargin evaluate --ray-address ADDR`` (a second driver on this module's Ray instance): the
+    cells run there (one actor per CPU of the cluster), the result equals a sequential run's, and the
+    cluster is left running."""
+    _, (x, y) = model_and_data
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    (tmp_path / "m.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Sequential(nn.Linear(64, 10))\n"
+    )
+    from safetensors.torch import save_file
+
+    lin = nn.Linear(64, 10)
+    save_file({"0.weight": lin.weight.detach().contiguous(), "0.bias": lin.bias.detach().contiguous()},
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    common = ["evaluate", "--model", f"{tmp_path / 'm.py'}:make", "--data", f"npz:{tmp_path / 'd.npz'}",
+              "--weights", str(tmp_path / "w.safetensors"),
+              "--ber", "0,0.05", "--repeats", "3", "--bits", "4", "--no-plot", "--quiet"]  # fmt: skip
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    out = ["--ray-address", address, "--out", str(tmp_path / "r.json")]
+    run = subprocess.run(
+        [sys.executable, "-m", "qmargin", *common, *out],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert main([*common, "--out", str(tmp_path / "seq.json")]) == 0
+    got, seq = (json.loads((tmp_path / n).read_text()) for n in ("r.json", "seq.json"))
+    assert _no_timing(got) == _no_timing(seq)
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
+
+
 def test_a_sequential_campaign_never_imports_ray(tmp_path):
     script = textwrap.dedent(
         """
