@@ -219,8 +219,10 @@ def test_two_trainings_into_one_directory(tmp_path):
         (["reproduce", "mcel-ablation", "--out", "{run}"], "{run}"),
         (["reproduce", "mondeq", "--out", "{run}"], "{run}"),
         (["demo", "--out", "{run}", "--epochs", "1"], "{run}"),
+        (["merge", "{x}", "--out", "{tmp}/r.json"], "{tmp}/r.json"),
     ],
-    ids=["train", "evaluate-run", "evaluate-out", "certify-out", "mcel", "ablation", "mondeq", "demo"],
+    ids=["train", "evaluate-run", "evaluate-out", "certify-out", "mcel", "ablation", "mondeq", "demo",
+         "merge-out"],  # fmt: skip
 )
 def test_every_command_refuses_a_locked_directory_or_output(tmp_path, argv, locked):
     run, other = tmp_path / "run", tmp_path / "other"

@@ -11,7 +11,7 @@ import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -491,6 +491,28 @@ def evaluate(
             help="--model: name the data with this string instead of hashing it while it streams.",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            click_type=opt.Integer(1, opt.MAX_WORKERS),
+            help="Evaluate the cells on N local Ray workers (pip install 'qmargin[ray]'); same result.",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            click_type=opt.Text(),
+            help="Evaluate the cells on the Ray cluster at ADDR (auto, or HOST:PORT); --workers actors, "
+            "default one per CPU.",
+        ),
+    ] = None,
+    shard: Annotated[
+        opt.ShardPair | None,
+        typer.Option(
+            click_type=opt.Shard(),
+            help="Only shard I of N (1-based; every N-th cell) into --out; combine with 'qmargin merge'.",
+        ),
+    ] = None,
 ) -> None:
     """Accuracy under random bit errors: BER grid x seeded patterns (resumable).
 
@@ -501,6 +523,11 @@ def evaluate(
     bers = list(ber)
     protected = tuple(protected_bits or ())
     opt.check_seed_span(seed, repeats)
+    distribute: dict[str, Any] = {
+        "workers": workers,
+        "ray_address": ray_address,
+        "shard": None if shard is None else (int(shard[0]), int(shard[1])),
+    }
     layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip())
     external = {
         "--model-arg": bool(model_arg),
@@ -554,6 +581,7 @@ def evaluate(
             storage=storage,
             saturate=saturate,
             nested=nested,
+            distribute=distribute,
         )
         return
     if run is None:
@@ -591,6 +619,7 @@ def evaluate(
             saturate=saturate,
             nested=nested,
             metric=metric,
+            **distribute,
         )
     if "ptq_bits" in result.get("config", {}):
         console.print(
@@ -611,6 +640,7 @@ def evaluate(
             f"MonDEQ solves that did not converge (counted as errors), mean per pattern of {n_test} samples: "
             + ", ".join(parts)
         )
+    _shard_note(result)
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(run.name, result)], png, title=f"{run.name}")
@@ -649,6 +679,7 @@ def _evaluate_model(
     storage: str | None,
     saturate: bool | None,
     nested: bool,
+    distribute: dict,
 ) -> None:
     """``qmargin evaluate --model ...``: a user's own network (qmargin.experiments.external)."""
     if data is None:
@@ -710,15 +741,27 @@ def _evaluate_model(
             storage=storage,
             saturate=saturate,
             nested=nested,
+            **distribute,
         )
     n = result.get("evaluation", {}).get("n_test", "?")
     console.print(ber_table(result, title=f"{data}: {n} samples, {_metric_label(result)}"))
+    _shard_note(result)
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(out.stem, result)], png, title=f"{model} on {data}")
         console.print(f"wrote {out}, {out.with_suffix('.csv')}, {png}")
     else:
         console.print(f"wrote {out}, {out.with_suffix('.csv')}")
+
+
+def _shard_note(result: dict) -> None:
+    """One line under a shard's table: what it holds and how the shards are combined."""
+    shard = result.get("shard")
+    if isinstance(shard, dict):
+        console.print(
+            f"shard {shard['index']}/{shard['count']}: {result['timing']['patterns_done']} cells; when every "
+            "shard is done: qmargin merge SHARD.json... --out FILE.json"
+        )
 
 
 def _metric_label(result: dict) -> str:
@@ -752,8 +795,8 @@ class _CampaignProgress(_RichProgress):
 
     def __call__(self, p) -> None:
         assert self._progress is not None
-        if self._task is None:
-            self._task = self._progress.add_task("patterns", total=p.total, info="")
+        if self._task is None:  # a resumed run starts at p.done - 1: the ETA counts this run's speed only
+            self._task = self._progress.add_task("patterns", total=p.total, completed=p.done - 1, info="")
         self._progress.update(self._task, completed=p.done, info=f"BER {p.ber:g}: {p.accuracy:.3f}")
 
 
@@ -795,6 +838,42 @@ def compare(
         console.print(compare_table(results, title="accuracy under random bit errors"))
     plot_accuracy_vs_ber(results, out, title="accuracy vs bit error rate")
     console.print(f"wrote {out}")
+
+
+# -- merge --------------------------------------------------------------------------------------
+
+
+@app.command()
+def merge(
+    shards: Annotated[
+        list[Path], typer.Argument(help="Results of 'qmargin evaluate --shard I/N' (JSON), all shards.")
+    ],
+    out: Annotated[Path, typer.Option(help="Merged result JSON (CSV beside it).")],
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            help="Write a partial result when cells are missing ('qmargin evaluate ... --out FILE' "
+            "finishes it) instead of refusing."
+        ),
+    ] = False,
+) -> None:
+    """Combine the shards of a campaign into one result, identical to a run without shards.
+
+    Refuses shards of other campaigns (the differing setting is named), a cell given twice and, unless
+    --allow-partial, missing cells.
+    """
+    from qmargin.experiments.campaign import merge_campaigns  # lazy: torch
+    from qmargin.report import ber_table  # lazy: matplotlib
+
+    result = merge_campaigns(shards, out, allow_partial=allow_partial)
+    done, total = result["timing"]["patterns_done"], len(result["bers"]) * result["repeats"]
+    console.print(
+        ber_table(
+            result, title=f"{len(shards)} shards merged: {done} of {total} cells, {_metric_label(result)}"
+        )
+    )
+    status = "" if result["status"] == "complete" else f" (partial: {total - done} cells missing)"
+    console.print(f"wrote {out}, {out.with_suffix('.csv')}{status}")
 
 
 # -- certify ------------------------------------------------------------------------------------

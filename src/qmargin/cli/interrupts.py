@@ -68,6 +68,9 @@ def describe_evaluate(params: Mapping[str, Any]) -> str:
     out = Path(params["out"]) if params.get("out") else Path(params["run"]) / "ber.json"
     bers, repeats = params.get("ber") or (), _count(params.get("repeats"))
     total = len(bers) * repeats if repeats is not None else None
+    shard = params.get("shard")
+    if total is not None and isinstance(shard, tuple | list) and len(shard) == 2:
+        total = sum(1 for cell in range(total) if cell % int(shard[1]) == int(shard[0]) - 1)  # its cells
     data = _read_json(out)
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, list):

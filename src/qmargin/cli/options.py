@@ -46,7 +46,8 @@ Types:
 * :class:`Choice` (a fixed list), :class:`Name` (a registry name, checked by the registry: non-blank,
   no spaces), :class:`Text` (non-blank free text such as glob patterns);
 * :class:`Reals` / :class:`Integers`: comma-separated lists of the above (returned as lists);
-* :class:`KeyValue`: ``key=value`` (repeatable options).
+* :class:`KeyValue`: ``key=value`` (repeatable options);
+* :class:`Shard`: ``I/N`` with ``1 <= I <= N <= MAX_SHARDS`` (``--shard``), returned as ``(I, N)``.
 
 A new kind of value gets a new :class:`QmarginType` subclass here, with its invalid values in
 ``invalid_examples`` (the flag test feeds them to every option of that type).
@@ -73,8 +74,10 @@ __all__ = [
     "Reals",
     "Integers",
     "KeyValue",
+    "Shard",
     "Floats",
     "Ints",
+    "ShardPair",
     "SEED",
     "SEED_LIMIT",
     "REPEATS",
@@ -87,6 +90,8 @@ __all__ = [
     "MAX_EPOCHS",
     "MAX_BATCH",
     "MAX_WIDTH",
+    "MAX_WORKERS",
+    "MAX_SHARDS",
     "check_seed_span",
 ]
 
@@ -99,11 +104,18 @@ MAX_EPOCHS = 100_000
 MAX_BATCH = 1 << 24
 MAX_WIDTH = 1 << 16
 """Widest hidden layer ``--hidden`` builds."""
+MAX_WORKERS = 4096
+"""Most Ray workers (``--workers``) a campaign starts."""
+MAX_SHARDS = 1 << 20
+"""Most shards of ``--shard I/N`` (the library also refuses more shards than the campaign has cells)."""
 
 Floats = Sequence[float]
 """Annotation of a :class:`Reals` option (typer must not see ``list``: it would make it repeatable)."""
 Ints = Sequence[int]
 """Annotation of an :class:`Integers` option."""
+ShardPair = Sequence[int]
+"""Annotation of a :class:`Shard` option (``(I, N)``; typer must not see ``tuple``: it would take two
+values)."""
 
 
 def _fmt(x: float | int | None, *, low: bool) -> str:
@@ -346,6 +358,41 @@ class KeyValue(QmarginType):
 
     def invalid_examples(self) -> list[str]:
         return [*super().invalid_examples(), "novalue", "=1"]
+
+
+class Shard(QmarginType):
+    """``I/N``: shard ``I`` of ``N`` (``1 <= I <= N <= MAX_SHARDS``, 1-based like a SLURM array
+    ``--array=1-N``) -> ``(I, N)``."""
+
+    name = f"shard I/N with 1 <= I <= N <= {MAX_SHARDS}"
+    metavar = "I/N"
+
+    def parse(self, text: str) -> tuple[int, int]:
+        i, sep, n = text.strip().partition("/")
+        if not sep or not _INT.fullmatch(i.strip()) or not _INT.fullmatch(n.strip()):
+            raise ValueError(f"{text!r} is not I/N (e.g. 2/8: the second of eight shards)")
+        index, count = int(i), int(n)
+        if not 1 <= count <= MAX_SHARDS:
+            raise ValueError(f"the number of shards must be in [1, {MAX_SHARDS}], got {count}")
+        if not 1 <= index <= count:
+            raise ValueError(f"the shard must be in 1..{count} (counted from 1), got {index}")
+        return index, count
+
+    def invalid_examples(self) -> list[str]:
+        return [
+            *super().invalid_examples(),
+            "abc",
+            "1",
+            "0/4",
+            "5/4",
+            "1/0",
+            "-1/4",
+            "1.5/4",
+            "1/2/3",
+            "a/b",
+            f"1/{MAX_SHARDS + 1}",
+            "nan/4",
+        ]
 
 
 # -- lists --------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ model with an evaluation (data + metric) and kept in a resumable store.
 * :mod:`~qmargin.engine.metrics`: top-1, top-k, cross-entropy, user ``(sum, count)`` callables;
 * :mod:`~qmargin.engine.evaluation`: streamed data (any iterable of batches, a DataLoader) + metric;
 * :mod:`~qmargin.engine.cells`: one cell evaluated (pure; cells run in any order or place);
-* :mod:`~qmargin.engine.store`: result files (schema version, validation, settings diff, resume);
+* :mod:`~qmargin.engine.executors`: where cells run (this process, or Ray workers; Ray imported
+  only by :class:`~qmargin.engine.executors.RayExecutor`);
+* :mod:`~qmargin.engine.store`: result files (schema version, validation, settings diff, resume,
+  shards, merge);
 * :mod:`~qmargin.engine.run`: :func:`run_campaign` and the one-call :func:`stress`.
 """
 

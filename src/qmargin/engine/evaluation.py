@@ -177,6 +177,12 @@ class Evaluation:
                 f"got {type(data).__name__}"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for workers) without the batches cut from ``(x, y)``: they are cut again on use."""
+        state = dict(self.__dict__)
+        state["_cached"] = None
+        return state
+
     # -- what the store records -------------------------------------------------------------------
     @property
     def in_memory(self) -> bool:

@@ -5,6 +5,8 @@ For every BER ``p`` of the grid and every pattern ``r = 0 .. R-1``: inject bit e
 over the data (:mod:`qmargin.engine.cells`), restore the codes exactly. The clean value (no
 injection) is measured once. After the clean pass and after every pattern the result is written
 atomically (``"status": "partial"``) and a rerun with identical settings continues where it stopped.
+Where the cells run is the executor's business (:mod:`qmargin.engine.executors`: this process, or
+Ray workers); a shard (``shard=(I, N)``) evaluates every ``N``-th cell into its own file.
 
 :func:`stress` is the one call for the common case; :func:`run_campaign` takes an
 :class:`~qmargin.engine.evaluation.Evaluation` and every option.
@@ -12,6 +14,7 @@ atomically (``"status": "partial"``) and a rerun with identical settings continu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -23,14 +26,9 @@ import torch
 from torch import Tensor, nn
 
 import qmargin
-from qmargin.engine.cells import (
-    evaluate_cell,
-    evaluate_cells_stacked,
-    evaluate_pass,
-    prepared,
-    reports_convergence,
-)
+from qmargin.engine.cells import evaluate_pass, prepared, reports_convergence
 from qmargin.engine.evaluation import Evaluation, hash_tensor
+from qmargin.engine.executors import CellJob, Executor, make_executor
 from qmargin.engine.grid import Grid, check_positive_int
 from qmargin.engine.store import (
     CampaignState,
@@ -129,6 +127,10 @@ def run_campaign(
     overwrite: bool = False,
     patterns_per_pass: int = 1,
     weights: dict[str, str] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    shard: tuple[int, int] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """A campaign of ``model`` on ``evaluation`` over the grid ``bers`` x ``repeats`` patterns.
 
@@ -155,6 +157,16 @@ def run_campaign(
             (``torch.func.vmap`` over stacked codes; memory grows by this factor); ignored (1) when
             failures are counted.
         weights: the record of the weights file the model was loaded from, stored as ``"weights"``.
+        workers: evaluate the cells on this many Ray workers (a local Ray instance started and shut
+            down here, unless Ray is already initialized); ``None``: in this process, without Ray.
+            The result is the same, value for value (:mod:`qmargin.engine.executors`).
+        ray_address: evaluate the cells on the Ray cluster at this address (``workers`` actors,
+            default one per CPU of the cluster).
+        shard: ``(I, N)``: evaluate only the cells of shard ``I`` of ``N`` (``1 <= I <= N``; the cells
+            whose index ``k * repeats + r`` is ``I - 1`` modulo ``N``); the result records the shard
+            and is combined with the others by :func:`~qmargin.engine.store.merge_results`.
+        executor: evaluate the cells with this :class:`~qmargin.engine.executors.Executor` (started
+            here and closed at the end) instead of the one ``workers`` / ``ray_address`` choose.
 
     Returns the result dict (the JSON content, :mod:`qmargin.engine.store`).
     """
@@ -166,13 +178,16 @@ def run_campaign(
         check_outputs({"result JSON": out_path, "CSV": campaign_csv_path(out_path)})
     grid = Grid.make(bers, repeats, base_seed)
     check_positive_int("patterns_per_pass", patterns_per_pass)
+    shard = _check_shard(shard, grid.size)
+    if executor is None:
+        executor = make_executor(workers=workers, ray_address=ray_address)
     template = BitErrorModel(ber=0.0) if error_model is None else error_model
     if getattr(template, "p01", None) is not None and getattr(template, "p10", None) is not None:
         raise ConfigError(
             "the error model template fixes both p01 and p10, so the BER grid would change nothing"
         )
     cfg = jsonable(config or {})
-    with prepared(model, evaluation.device, template) as foreign:
+    with prepared(model, evaluation.device, template) as foreign, contextlib.closing(executor):
         select_tensors(model, template)  # fail fast when the template selects no stored tensor
         if foreign:
             patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only
@@ -209,14 +224,25 @@ def run_campaign(
         path = Path(out_path) if out_path is not None else None
         old = _stored(path, overwrite)
         pending = ([] if known else ["fingerprint.data_sha256"]) + ([] if n_known else ["evaluation.n_test"])
+        if old is not None and path is not None and old.get("shard") != _shard_dict(shard):
+            if not overwrite:
+                raise ConfigError(
+                    f"{path} holds {_shard_text(old.get('shard'))}, this run is {_shard_text(shard)}; "
+                    "use another output path or overwrite"
+                )
+            old = None
         if old is not None and path is not None:
             diff = settings_diff(old, settings, skip=pending)
             if diff:
                 if not overwrite:
                     raise _mismatch(path, diff)
                 old = None
-        state = CampaignState(grid, settings)
+        state = CampaignState(grid, settings, shard=shard)
         t_start = time.perf_counter()
+        job = CellJob(model, evaluation, template, bool(count_failures), per_pass)
+        started = old is None  # every cell is pending: workers start while the clean pass runs here
+        if started:
+            executor.start(job)
 
         def elapsed() -> float:
             return time.perf_counter() - t_start
@@ -241,36 +267,57 @@ def run_campaign(
             state.write(path, elapsed())
 
         n_test = settings["evaluation"]["n_test"]
-        total = grid.size
+        total = state.total
         done = state.done
-        for k, _ber in enumerate(grid.bers):
-            todo = [r for r in range(grid.repeats) if r not in state.values[k]]
-            for i in range(0, len(todo), per_pass):
-                cells = [grid.cell(k, r) for r in todo[i : i + per_pass]]
-                if per_pass == 1:
-                    outcomes = [
-                        evaluate_cell(model, evaluation, template, cells[0], count_failures=count_failures)
-                    ]
-                else:
-                    outcomes = evaluate_cells_stacked(model, evaluation, template, cells)
-                for outcome in outcomes:
-                    if outcome.result.n != n_test:
-                        raise DataError(
-                            f"the data changed between passes: {n_test} samples, then {outcome.result.n}"
-                        )
-                    state.record(outcome)
-                    done += 1
-                    if path is not None:
-                        state.write(path, elapsed())
-                    if progress is not None:
-                        c = outcome.cell
-                        assert c is not None
-                        progress(CampaignProgress(done, total, c.ber, c.pattern, c.seed, outcome.value))
+        cells = [grid.cell(k, r) for k, r in state.pending()]  # BER-major: a sequential run's order
+        if cells and not started:
+            executor.start(job)
+        for outcome in executor.map(cells) if cells else ():
+            if outcome.result.n != n_test:
+                raise DataError(f"the data changed between passes: {n_test} samples, then {outcome.result.n}")
+            state.record(outcome)
+            done += 1
+            if path is not None:
+                state.write(path, elapsed())  # as outcomes arrive: a rerun resumes from here
+            if progress is not None:
+                c = outcome.cell
+                assert c is not None
+                progress(CampaignProgress(done, total, c.ber, c.pattern, c.seed, outcome.value))
         result = state.result(elapsed())
         if path is not None:
             write_text_atomic(path, dumps(result))
             write_text_atomic(campaign_csv_path(path), csv_text(result))
         return result
+
+
+def _check_shard(shard: Any, cells: int) -> tuple[int, int] | None:
+    """``(I, N)`` with ``1 <= I <= N <= cells``, or a one-line ``ConfigError``."""
+    if shard is None:
+        return None
+    if (
+        not isinstance(shard, tuple | list)
+        or len(shard) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        or not 1 <= shard[0] <= shard[1]
+    ):
+        raise ConfigError(f"shard must be (I, N) with 1 <= I <= N, got {shard!r}")
+    if shard[1] > cells:
+        raise ConfigError(
+            f"shard {shard[0]}/{shard[1]}: the grid has only {cells} cells; use at most {cells} shards"
+        )
+    return int(shard[0]), int(shard[1])
+
+
+def _shard_dict(shard: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if shard is None else {"index": shard[0], "count": shard[1]}
+
+
+def _shard_text(shard: Any) -> str:
+    if isinstance(shard, dict):
+        return f"shard {shard.get('index')}/{shard.get('count')}"
+    if isinstance(shard, tuple):
+        return f"shard {shard[0]}/{shard[1]}"
+    return "the whole campaign"
 
 
 def _stored(path: Path | None, overwrite: bool) -> dict[str, Any] | None:
@@ -305,6 +352,9 @@ def stress(
     overwrite: bool = False,
     progress: Callable[[CampaignProgress], None] | None = None,
     config: dict[str, Any] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Stress-test a quantized ``model`` under random bit errors: the one call for the common case.
 
@@ -313,7 +363,9 @@ def stress(
     streamed, never held. ``metric``: ``"top1"`` (default), ``"topK"`` (e.g. ``"top5"``),
     ``"cross_entropy"``, or a callable ``fn(outputs, targets) -> (sum, count)``. Pattern ``r`` is
     seeded ``base_seed + r`` at every BER. ``out``: a JSON file to write and resume. ``identity``
-    names the data instead of hashing it. Everything else as :func:`run_campaign`.
+    names the data instead of hashing it. ``workers=N``: the cells on ``N`` local Ray workers
+    (``pip install 'qmargin[ray]'``; the data must be picklable), ``ray_address``: on a cluster,
+    ``shard=(I, N)``: one shard. Everything else as :func:`run_campaign`.
 
     Returns the result dict: ``clean_accuracy`` and per BER ``accuracies`` (top-1) or
     ``clean_value`` / ``values`` (other metrics) with ``mean``/``std``/``min``/``max``, the
@@ -333,4 +385,7 @@ def stress(
         count_failures=count_failures,
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
+        workers=workers,
+        ray_address=ray_address,
+        shard=shard,
     )

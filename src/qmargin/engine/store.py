@@ -12,7 +12,15 @@ engine) load as top-1 results on in-memory tensors hashed with SHA-256, and resu
 Resume: a rerun with identical settings continues where the file stopped and produces the same
 result as an uninterrupted run, apart from ``timing``. Settings that differ are named, each with its
 old and new value, in one line (:func:`settings_diff`). Outcomes of cells may arrive in any order
-(:meth:`CampaignState.record`); the file holds per BER the completed prefix of patterns.
+(:meth:`CampaignState.record`). Per BER the file lists the values of the patterns done; when they
+are not the prefix ``r = 0 .. n-1`` (a partial run on workers, a shard) ``results[k].patterns``
+names them (ascending), so nothing computed is lost. A complete result never has ``patterns``.
+
+Shards (``--shard I/N``, :func:`shard_patterns`): the cell ``(k, r)`` has the stable index
+``k * repeats + r`` (BER-major) and shard ``I`` of ``N`` (``1 <= I <= N``) holds the cells whose index
+is ``I - 1`` modulo ``N``. A shard result records ``"shard": {"index": I, "count": N}`` and
+``patterns`` at every BER; it is ``complete`` when it holds all of its cells. :func:`merge_results`
+combines shards (or any results of one campaign) into the result of a sequential run.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ __all__ = [
     "jsonable",
     "dumps",
     "csv_text",
+    "shard_patterns",
+    "entry_patterns",
+    "merge_results",
+    "shard_label",
 ]
 
 SCHEMA_VERSION = 2
@@ -199,6 +211,7 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         raise invalid(where, "evaluation.count_failures is set but clean_failures is missing")
     if "clean_failures" in data:
         req_int(where, data["clean_failures"], "clean_failures", lo=0, hi=n_test)
+    shard = _valid_shard(where, data.get("shard"), len(grid) * repeats)
     results = req_list(where, data.get("results"), "results", length=len(grid))
     for i, (ber, entry) in enumerate(zip(grid, results, strict=True)):
         name = f"results[{i}]"
@@ -208,9 +221,10 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         vals = req_list(where, entry.get(key), f"{name}.{key}")
         if len(vals) > repeats:
             raise invalid(where, f"{name} has {len(vals)} {key}, more than repeats ({repeats})")
-        if status == "complete" and len(vals) != repeats:
+        if status == "complete" and shard is None and len(vals) != repeats:
             raise invalid(where, f"{name} has {len(vals)} {key}; a complete result has {repeats}")
         values = [req_float(where, a, f"{name}.{key} entry", lo=lo, hi=hi) for a in vals]
+        _valid_patterns(where, entry, name, len(vals), repeats, i, shard, complete=status == "complete")
         if counted and "failures" not in entry:
             raise invalid(where, f"evaluation.count_failures is set but {name}.failures is missing")
         if "failures" in entry:
@@ -234,6 +248,61 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         if "seconds" in timing:
             req_float(where, timing["seconds"], "timing.seconds", lo=0.0)
     return data
+
+
+def _valid_shard(where: str | Path, shard: Any, cells: int) -> tuple[int, int] | None:
+    """``(index, count)`` of a shard result (``1 <= index <= count <= cells``), ``None`` for others."""
+    if shard is None:
+        return None
+    req_dict(where, shard, "shard")
+    count = req_int(where, shard.get("count"), "shard.count", lo=1, hi=cells)
+    index = req_int(where, shard.get("index"), "shard.index", lo=1, hi=count)
+    return index, count
+
+
+def _valid_patterns(
+    where: str | Path,
+    entry: Mapping[str, Any],
+    name: str,
+    n: int,
+    repeats: int,
+    k: int,
+    shard: tuple[int, int] | None,
+    *,
+    complete: bool,
+) -> None:
+    """``entry["patterns"]``: ascending distinct pattern indices, one per value, of the shard's cells
+    (all of them when complete); required in a shard result."""
+    if "patterns" not in entry:
+        if shard is not None:
+            raise invalid(where, f"{name} of a shard result has no patterns")
+        return
+    pats = req_list(where, entry["patterns"], f"{name}.patterns", length=n)
+    for r in pats:
+        req_int(where, r, f"{name}.patterns entry", lo=0, hi=repeats - 1)
+    if any(a >= b for a, b in zip(pats, pats[1:], strict=False)):
+        raise invalid(where, f"{name}.patterns are not ascending and distinct")
+    own = shard_patterns(k, repeats, shard)
+    if not set(pats) <= set(own):
+        what = f"shard {shard[0]}/{shard[1]}" if shard is not None else "the grid"
+        raise invalid(where, f"{name}.patterns hold a pattern outside {what}")
+    if complete and len(pats) != len(own):
+        raise invalid(where, f"{name} has {len(pats)} patterns; a complete result has {len(own)}")
+
+
+def shard_patterns(k: int, repeats: int, shard: tuple[int, int] | None) -> list[int]:
+    """The patterns ``r`` of BER index ``k`` that belong to ``shard = (I, N)``: the cells whose index
+    ``k * repeats + r`` is ``I - 1`` modulo ``N`` (all ``0 .. repeats-1`` when ``shard`` is ``None``)."""
+    if shard is None:
+        return list(range(repeats))
+    index, count = shard
+    return [r for r in range(repeats) if (k * repeats + r) % count == index - 1]
+
+
+def entry_patterns(entry: Mapping[str, Any], n: int) -> list[int]:
+    """The pattern of each of the ``n`` values of a results entry (``patterns``, else ``0 .. n-1``)."""
+    pats = entry.get("patterns")
+    return list(pats) if isinstance(pats, list) else list(range(n))
 
 
 # -- settings --------------------------------------------------------------------------------------
@@ -278,21 +347,24 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: Seque
 
 # -- the state of a running campaign ---------------------------------------------------------------
 class CampaignState:
-    """Clean outcome and per-cell outcomes of a campaign; assembles the result dict.
+    """Clean outcome and per-cell outcomes of a campaign (or of one shard); assembles the result dict.
 
     :meth:`record` accepts cells in any order (shards, workers); :meth:`result` lists per BER the
-    completed prefix ``r = 0, 1, ...`` of patterns, so a merged complete state gives the same result
-    as a sequential run."""
+    values of the patterns done in pattern order (with ``patterns`` when they are not the prefix
+    ``0 .. n-1``), so a complete state gives the same result as a sequential run, and a partial
+    one keeps every value for a resume."""
 
-    def __init__(self, grid: Grid, settings: dict[str, Any]) -> None:
+    def __init__(self, grid: Grid, settings: dict[str, Any], *, shard: tuple[int, int] | None = None) -> None:
         self.grid = grid
         self.settings = settings
+        self.shard = shard
         self.clean: PassResult | None = None
         self.clean_value: float | None = None
         self.clean_failures: int | None = None
         self.values: list[dict[int, float]] = [{} for _ in grid.bers]
         self.failures: list[dict[int, int]] = [{} for _ in grid.bers]
         self.prior_seconds = 0.0
+        self._own = [shard_patterns(k, grid.repeats, shard) for k in range(len(grid.bers))]
 
     @property
     def count_failures(self) -> bool:
@@ -322,17 +394,18 @@ class CampaignState:
         return r
 
     @property
+    def total(self) -> int:
+        """Number of cells of this campaign (of its shard)."""
+        return sum(len(own) for own in self._own)
+
+    @property
     def done(self) -> int:
-        return sum(self.prefix(k) for k in range(len(self.grid.bers)))
+        """Number of cells done."""
+        return sum(len(v) for v in self.values)
 
     def pending(self) -> list[tuple[int, int]]:
-        """``(k, r)`` of every cell not done, BER-major."""
-        return [
-            (k, r)
-            for k in range(len(self.grid.bers))
-            for r in range(self.grid.repeats)
-            if r not in self.values[k]
-        ]
+        """``(k, r)`` of every cell (of the shard) not done, BER-major."""
+        return [(k, r) for k, own in enumerate(self._own) for r in own if r not in self.values[k]]
 
     def resume_from(self, old: dict[str, Any]) -> None:
         """Take the clean value, the per-pattern values and the timing of a stored result (upgraded)."""
@@ -341,9 +414,10 @@ class CampaignState:
         if "clean_failures" in old:
             self.clean_failures = old["clean_failures"]
         for k, res in enumerate(old["results"]):
-            for r, v in enumerate(res[key]):
+            pats = entry_patterns(res, len(res[key]))
+            for r, v in zip(pats, res[key], strict=True):
                 self.values[k][r] = v
-            for r, f in enumerate(res.get("failures", [])):
+            for r, f in zip(pats, res.get("failures", []), strict=False):
                 self.failures[k][r] = f
         self.prior_seconds = float(old.get("timing", {}).get("seconds", 0.0))
 
@@ -353,14 +427,16 @@ class CampaignState:
         clean_key, key = value_keys(self.settings["metric"])
         results = []
         for k, ber in enumerate(self.grid.bers):
-            n = self.prefix(k)
-            vals = [self.values[k][r] for r in range(n)]
+            pats = sorted(self.values[k])
+            vals = [self.values[k][r] for r in pats]
             row: dict[str, Any] = {"ber": ber}
             if vals:
                 row.update(summarize_accuracies(vals))
             row[key] = vals
             if self.count_failures:
-                row["failures"] = [self.failures[k][r] for r in range(n)]
+                row["failures"] = [self.failures[k][r] for r in pats]
+            if self.shard is not None or pats != list(range(len(pats))):
+                row["patterns"] = pats
             results.append(row)
         out: dict[str, Any] = {clean_key: self.clean_value}
         if self.clean_failures is not None and self.count_failures:
@@ -369,9 +445,11 @@ class CampaignState:
         out.update({k: self.settings[k] for k in SETTINGS_KEYS})
         if "weights" in self.settings:
             out["weights"] = self.settings["weights"]
+        if self.shard is not None:
+            out["shard"] = {"index": self.shard[0], "count": self.shard[1]}
         out["schema_version"] = SCHEMA_VERSION
         done = self.done
-        out["status"] = "complete" if done == self.grid.size else "partial"
+        out["status"] = "complete" if done == self.total else "partial"
         out["timing"] = {"seconds": round(self.prior_seconds + seconds, 6), "patterns_done": done}
         for v in [self.clean_value, *(x for e in results for x in e[key])]:
             if not math.isfinite(v):
@@ -384,6 +462,88 @@ class CampaignState:
         return result
 
 
+def shard_label(result: Mapping[str, Any]) -> str:
+    """``"shard 2/4"`` of a shard result, ``"not a shard"`` otherwise."""
+    shard = result.get("shard")
+    return f"shard {shard['index']}/{shard['count']}" if isinstance(shard, dict) else "not a shard"
+
+
+def merge_results(
+    items: Sequence[tuple[str, Mapping[str, Any]]], *, allow_partial: bool = False
+) -> dict[str, Any]:
+    """Combine validated results of one campaign (shards, or any results holding disjoint cells)
+    into one result, identical to a sequential run's apart from ``timing`` (the shards' seconds
+    summed). ``items``: ``(name, result)`` pairs (``name`` appears in the messages).
+
+    One-line :class:`ConfigError` when the settings differ (each differing setting named, as
+    :func:`settings_diff`), the weights or the clean values differ, a cell is held twice, or cells
+    are missing (unless ``allow_partial``: then a ``partial`` result that a rerun of the campaign
+    with this file as its output resumes)."""
+    if not items:
+        raise ConfigError("nothing to merge: give the shard results")
+    results = [(name, upgrade(dict(r))) for name, r in items]
+    name0, first = results[0]
+    for name, other in results[1:]:
+        diff = settings_diff(first, other)
+        if diff:
+            raise ConfigError(
+                f"{name} and {name0} are not shards of one campaign: {'; '.join(diff)} ({name0} -> {name})"
+            )
+        if other.get("weights") != first.get("weights"):
+            raise ConfigError(f"{name} and {name0} were computed from other weights")
+        for key in ("clean_accuracy", "clean_value", "clean_failures"):
+            if other.get(key) != first.get(key):
+                raise ConfigError(
+                    f"{name} and {name0} measured other clean values ({key} {first.get(key)} -> "
+                    f"{other.get(key)}): the model or data differ"
+                )
+    settings = {k: first[k] for k in SETTINGS_KEYS}
+    if "weights" in first:
+        settings["weights"] = first["weights"]
+    grid = Grid.make(first["bers"], first["repeats"], first["base_seed"])
+    state = CampaignState(grid, settings)
+    clean_key, key = value_keys(first.get("metric"))
+    state.clean_value = first[clean_key]
+    if "clean_failures" in first:
+        state.clean_failures = first["clean_failures"]
+    owner: dict[tuple[int, int], str] = {}
+    for name, res in results:
+        for k, entry in enumerate(res["results"]):
+            pats = entry_patterns(entry, len(entry[key]))
+            fails = entry.get("failures")
+            for i, (r, v) in enumerate(zip(pats, entry[key], strict=True)):
+                if (k, r) in owner:
+                    raise ConfigError(
+                        f"{owner[k, r]} and {name} both hold the cell BER {grid.bers[k]:g}, pattern {r}: "
+                        "give each shard once"
+                    )
+                owner[k, r] = name
+                state.values[k][r] = v
+                if fails is not None:
+                    state.failures[k][r] = fails[i]
+        state.prior_seconds += float(res.get("timing", {}).get("seconds", 0.0))
+    missing = state.pending()
+    if missing and not allow_partial:
+        k, r = missing[0]
+        counts = {r.get("shard", {}).get("count") for _, r in results}
+        hint = ""
+        if len(counts) == 1 and None not in counts:
+            n = counts.pop()
+            have = {r["shard"]["index"]: name for name, r in results}
+            absent = [f"{i}/{n}" for i in range(1, n + 1) if i not in have]
+            partial = [f"{name} ({shard_label(r)})" for name, r in results if r["status"] != "complete"]
+            hint = "; ".join(
+                ([f"not given: shard {', '.join(absent)}"] if absent else [])
+                + ([f"partial: {', '.join(partial)}"] if partial else [])
+            )
+            hint = f" ({hint})" if hint else ""
+        raise ConfigError(
+            f"{len(missing)} of {grid.size} cells are missing, the first BER {grid.bers[k]:g}, "
+            f"pattern {r}{hint}; give every shard, complete (or allow a partial result: --allow-partial)"
+        )
+    return state.result(0.0)
+
+
 def csv_text(result: Mapping[str, Any]) -> str:
     """One row per (ber, pattern): ``ber, pattern, seed, accuracy`` (top-1) or ``value`` (other
     metrics), and ``failures`` when counted."""
@@ -394,10 +554,10 @@ def csv_text(result: Mapping[str, Any]) -> str:
     name = "accuracy" if key == "accuracies" else "value"
     w.writerow(["ber", "pattern", "seed", name] + (["failures"] if with_failures else []))
     for res in result["results"]:
-        for r, acc in enumerate(res[key]):
+        for i, (r, acc) in enumerate(zip(entry_patterns(res, len(res[key])), res[key], strict=True)):
             row = [repr(float(res["ber"])), r, result["seeds"][r], repr(float(acc))]
             if with_failures:
-                row.append(res["failures"][r])
+                row.append(res["failures"][i])
             w.writerow(row)
     return buf.getvalue()
 

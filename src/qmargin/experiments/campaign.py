@@ -21,13 +21,16 @@ from qmargin.engine import CampaignProgress, Evaluation, run_campaign
 from qmargin.engine.store import (
     SETTINGS_KEYS,
     campaign_csv_path,
+    csv_text,
+    dumps,
     file_sha256,
     load_campaign,
+    merge_results,
     summarize_accuracies,
     validate_campaign,
 )
-from qmargin.errors import CheckpointError
-from qmargin.files import holds_lock
+from qmargin.errors import CheckpointError, ConfigError
+from qmargin.files import check_outputs, holds_lock, sigint_deferred, write_text_atomic
 
 __all__ = [
     "CampaignProgress",
@@ -39,6 +42,7 @@ __all__ = [
     "weights_record",
     "check_result_weights",
     "summarize_accuracies",
+    "merge_campaigns",
 ]
 
 
@@ -85,6 +89,9 @@ def run_ber_campaign(
     patterns_per_pass: int = 1,
     weights: dict[str, str] | None = None,
     metric: Any = "top1",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Accuracy (or ``metric``) of a quantized model under random bit errors on the test tensors
     ``x_test``, ``y_test`` (batches of ``batch_size`` on ``device``); every other argument as
@@ -105,4 +112,35 @@ def run_ber_campaign(
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
         weights=weights,
+        workers=workers,
+        ray_address=ray_address,
+        shard=shard,
     )
+
+
+@holds_lock("out_path", kind="file")  # one writer of the merged result
+def merge_campaigns(
+    shards: Sequence[str | Path], out_path: str | Path, *, allow_partial: bool = False
+) -> dict[str, Any]:
+    """Merge the results of ``--shard I/N`` runs (or any results holding disjoint cells of one
+    campaign) into ``out_path`` (JSON, and the CSV beside it), identical to a sequential run's result
+    apart from ``timing``: :func:`qmargin.engine.store.merge_results` (one-line ``ConfigError`` when
+    settings differ, a cell is given twice, or cells are missing unless ``allow_partial``, which
+    writes a ``partial`` result that the campaign resumes). Every input is validated
+    (:func:`load_campaign`); the outputs are checked against the inputs, locked and written
+    atomically (the JSON and the CSV together, Ctrl-C held back between them)."""
+    paths = [Path(p) for p in shards]
+    if not paths:
+        raise ConfigError("nothing to merge: give the shard results")
+    check_outputs({"merged JSON": out_path, "CSV": campaign_csv_path(out_path)}, inputs=paths)
+    seen: dict[str, Path] = {}
+    for p in paths:
+        key = str(p.resolve())
+        if key in seen:
+            raise ConfigError(f"{p} is given twice")
+        seen[key] = p
+    merged = merge_results([(str(p), load_campaign(p)) for p in paths], allow_partial=allow_partial)
+    with sigint_deferred():
+        write_text_atomic(out_path, dumps(merged))
+        write_text_atomic(campaign_csv_path(out_path), csv_text(merged))
+    return merged

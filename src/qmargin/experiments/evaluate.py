@@ -121,6 +121,9 @@ def evaluate_run(
     saturate: bool | None = None,
     nested: bool = False,
     metric: Any = "top1",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -134,7 +137,8 @@ def evaluate_run(
     codes are the run's; ``None`` keeps the specs'), ``nested`` draws nested patterns across the grid
     (:func:`error_model_for`); they are recorded in the result's ``error_model`` settings, so a
     resume with other choices is refused. ``metric``: top-1 by default, or any metric of
-    :func:`metric_from_spec` (a name or ``pkg.module:name``).
+    :func:`metric_from_spec` (a name or ``pkg.module:name``). ``workers`` / ``ray_address`` /
+    ``shard``: where the cells run and which (:func:`qmargin.engine.run_campaign`).
     """
     if out_path is not None:
         check_outputs(
@@ -179,6 +183,9 @@ def evaluate_run(
         patterns_per_pass=patterns_per_pass,
         weights=weights,
         metric=metric_from_spec(metric),
+        workers=workers,
+        ray_address=ray_address,
+        shard=shard,
     )
 
 

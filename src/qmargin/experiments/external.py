@@ -317,6 +317,9 @@ def evaluate_external(
     storage: str | None = None,
     saturate: bool | None = None,
     nested: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Build, load, quantize and stress a user's model on a data spec (module docstring).
 
@@ -324,6 +327,8 @@ def evaluate_external(
     spec's checked batches; never held whole in memory) and fingerprinted while it streams, unless
     ``data_identity`` names it. ``metric``: :func:`qmargin.experiments.evaluate.metric_from_spec`.
     ``storage`` / ``saturate`` / ``nested``: as :func:`qmargin.experiments.evaluate.error_model_for`.
+    ``workers`` / ``ray_address`` / ``shard``: as :func:`qmargin.engine.run_campaign` (with workers
+    the data spec's loader travels to each worker once).
     ``on_model`` is called with the prepared :class:`ExternalModel` before the campaign starts (the
     CLI prints the quantized layers). The result is the campaign dict of
     :func:`qmargin.engine.run_campaign`; its ``config`` holds the model spec, arguments, weights
@@ -374,4 +379,7 @@ def evaluate_external(
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
         weights=ext.weights,
+        workers=workers,
+        ray_address=ray_address,
+        shard=shard,
     )
