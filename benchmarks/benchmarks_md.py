@@ -21,18 +21,12 @@ def write_section(text: str, path: Path, section: str) -> None:
 
 
 def machine_description() -> str:
-    """CPU model (``/proc/cpuinfo``, else ``platform``), logical CPUs, torch version and threads."""
+    """CPU model (:func:`qmargin.report.provenance.cpu_model`), logical CPUs, torch version and threads."""
     import os
-    import platform
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
+    from qmargin.report.provenance import cpu_model
+
+    threads = torch.get_num_threads()
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {threads} thread(s)"

@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qmargin.cli import options as opt
+from qmargin.cli.interrupts import command_line
 from qmargin.errors import ConfigError
-from qmargin.files import check_output, check_outputs, lock_output
+from qmargin.files import check_output, check_outputs, lock_output, write_text_atomic
 from qmargin.files import write_json_atomic as atomic_write_json
 
 app = typer.Typer(
@@ -816,8 +817,12 @@ def compare(
         typer.Option(click_type=opt.Text(), help="Comma-separated labels (default: directory names)."),
     ] = None,
     markdown: Annotated[bool, typer.Option(help="Print a markdown table instead of a rich table.")] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(help="HTML report (plots, tables, provenance). Default: the plot's name with .html."),
+    ] = None,
 ) -> None:
-    """Side-by-side table and one plot of several campaigns."""
+    """Side-by-side table, one plot and an HTML report of several campaigns."""
     from qmargin.experiments.campaign import check_result_weights, load_campaign  # lazy: torch
     from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber  # lazy: matplotlib
 
@@ -825,19 +830,89 @@ def compare(
     if names is not None and len(names) != len(items):
         raise ConfigError(f"--labels has {len(names)} names for {len(items)} items")
     results = []
+    paths = []
     for i, item in enumerate(items):
         path = item / "ber.json" if item.is_dir() else item
         if not path.is_file():
             raise ConfigError(f"{path}: no campaign results (run 'qmargin evaluate {item}' first)")
         label = names[i] if names else (item.name if item.is_dir() else item.parent.name or item.stem)
         results.append((label, check_result_weights(load_campaign(path), path)))
-    out = check_output(out or Path("compare.png"), inputs=[*items, *(p / "ber.json" for p in items)])
+        paths.append(path)
+    out = out or Path("compare.png")
+    checked = check_outputs(
+        {"plot (--out)": out, "HTML report (--html)": html or out.with_suffix(".html")},
+        inputs=[*items, *(p / "ber.json" for p in items)],
+    )
+    out, html = checked["plot (--out)"], checked["HTML report (--html)"]
     if markdown:
         print(format_markdown_table(results, compare=True))
     else:
         console.print(compare_table(results, title="accuracy under random bit errors"))
     plot_accuracy_vs_ber(results, out, title="accuracy vs bit error rate")
-    console.print(f"wrote {out}")
+    _write_report(html, paths, labels=[label for label, _ in results], title="qmargin compare")
+    console.print(f"wrote {out}, {html}")
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    results: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Campaign JSON files, run directories (their ber.json), certificate JSON files of "
+            "'qmargin certify', reproduction output directories (or their summary.json).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    labels: Annotated[
+        str | None,
+        typer.Option(click_type=opt.Text(), help="Comma-separated labels, one per RESULT (default: names)."),
+    ] = None,
+    title: Annotated[str | None, typer.Option(click_type=opt.Text(), help="Title of the page.")] = None,
+    band: Annotated[
+        str,
+        typer.Option(
+            click_type=opt.Choice("minmax", "std"),
+            help="Pattern band of the plots: minmax (min..max) | std (mean ± std).",
+        ),
+    ] = "minmax",
+) -> None:
+    """One self-contained HTML file (loads nothing from the network) of stored results: metric-vs-BER
+    plots with pattern bands and 95 % confidence intervals, comparison tables, MonDEQ certificate
+    tables, the resolved configurations and the provenance (version, command, date, machine, SHA-256
+    of every input)."""
+    names = [s.strip() for s in labels.split(",")] if labels else None
+    if names is not None and len(names) != len(results):
+        raise ConfigError(f"--labels has {len(names)} names for {len(results)} results")
+    out = check_output(out, inputs=results, what="--out")
+    doc = _write_report(out, results, labels=names, title=title or "qmargin report", band=band)
+    n = len(doc["comparisons"]) + len(doc["certificates"]) + len(doc["mondeq"])
+    console.print(f"wrote {out} ({n} section{'s' if n != 1 else ''} from {len(doc['inputs'])} input files)")
+
+
+def _write_report(
+    out: Path,
+    results: list[Path],
+    *,
+    labels: list[str] | None = None,
+    title: str,
+    band: str = "minmax",
+) -> dict:
+    """Read ``results``, render the HTML report and write it to ``out`` (checked against every file
+    read, atomically, holding the output's lock); returns the document."""
+    from qmargin.experiments.report_inputs import read_report_inputs  # lazy: torch
+    from qmargin.report.html import report_html  # lazy: matplotlib
+    from qmargin.report.provenance import provenance  # lazy: matplotlib (qmargin.report)
+
+    doc = read_report_inputs(results, labels=labels)
+    check_output(out, inputs=[*results, *(i["path"] for i in doc["inputs"])], what="HTML report")
+    prov = provenance(command=command_line(), inputs=doc["inputs"])
+    page = report_html({**doc, "title": title, "band": band, "provenance": prov})
+    with lock_output(out):
+        write_text_atomic(out, page)
+    return doc
 
 
 # -- merge --------------------------------------------------------------------------------------
@@ -963,17 +1038,20 @@ def reproduce_mcel(
     results_dir: Annotated[
         Path | None, typer.Option(help="Also write tables and plots here (docs/results).")
     ] = None,
+    html: Annotated[Path | None, typer.Option(help="HTML report (default: OUT/report.html).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """CE vs MCEL vs MHL vs RandBET vs CE+clipping at 2/4/8 bits under bit errors."""
     from qmargin.experiments.mcel import run_mcel_reproduction  # lazy: torch
 
+    report_path = check_output(html or out / "report.html", what="HTML report (--html)")
     log = _logger(quiet)
     result = run_mcel_reproduction(
         preset=preset, out_dir=out, data_dir=data_dir, log=log, results_dir=results_dir
     )
     print(result["markdown"])
-    console.print(f"results: {out}")
+    _write_report(report_path, [out], title=f"qmargin reproduce mcel --preset {preset}")
+    console.print(f"results: {out}; report: {report_path}")
 
 
 @reproduce_app.command("mcel-ablation")
@@ -1009,15 +1087,18 @@ def reproduce_mondeq(
     results_dir: Annotated[
         Path | None, typer.Option(help="Also write tables and plots here (docs/results).")
     ] = None,
+    html: Annotated[Path | None, typer.Option(help="HTML report (default: OUT/report.html).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """MonDEQ PTQ sweep with certificates, displacement validation, QAT and certified QAT."""
     from qmargin.experiments.mondeq import run_mondeq_reproduction  # lazy: torch
 
+    report_path = check_output(html or out / "report.html", what="HTML report (--html)")
     log = _logger(quiet)
     result = run_mondeq_reproduction(preset=preset, out_dir=out, log=log, results_dir=results_dir)
     print(result["markdown"])
-    console.print(f"results: {out}")
+    _write_report(report_path, [out], title=f"qmargin reproduce mondeq --preset {preset}")
+    console.print(f"results: {out}; report: {report_path}")
 
 
 @app.command()

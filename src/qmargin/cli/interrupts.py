@@ -116,6 +116,12 @@ def set_command_line(argv: list[str] | None) -> None:
     _argv = list(argv) if argv is not None else None
 
 
+def command_line() -> str:
+    """``qmargin ARGS`` exactly as given (a report's provenance)."""
+    args = _argv if _argv is not None else sys.argv[1:]
+    return shlex.join(["qmargin", *args])
+
+
 def continue_command() -> str:
     """``qmargin ARGS`` as given, without the flags that would discard what was saved."""
     args = _argv if _argv is not None else sys.argv[1:]

@@ -1,15 +1,19 @@
-"""Tables (rich, markdown) and plots (matplotlib) of experiment results (plain dicts).
+"""Tables (rich, markdown), plots (matplotlib) and the self-contained HTML report of experiment
+results (plain dicts).
 
 Imports nothing of ``qmargin.experiments``: every function takes the plain dicts the experiments
 return and store as JSON, so a stored result renders again without rerunning anything.
 """
 
+from qmargin.report.html import report_html
 from qmargin.report.plots import (
     plot_accuracy_vs_ber,
     plot_mondeq_displacement,
     plot_mondeq_margin_vs_bits,
 )
+from qmargin.report.provenance import machine_description, provenance
 from qmargin.report.reproductions import ablation_markdown, mcel_markdown, mondeq_markdown
+from qmargin.report.stats import mean_confidence_interval
 from qmargin.report.tables import (
     ber_table,
     compare_table,
@@ -30,4 +34,8 @@ __all__ = [
     "mcel_markdown",
     "ablation_markdown",
     "mondeq_markdown",
+    "report_html",
+    "mean_confidence_interval",
+    "machine_description",
+    "provenance",
 ]

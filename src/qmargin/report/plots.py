@@ -26,23 +26,34 @@ from matplotlib.figure import Figure
 
 from qmargin.errors import ConfigError
 from qmargin.files import atomic_path
+from qmargin.report.stats import mean_confidence_interval
 from qmargin.report.tables import (
     Result,
     Results,
     as_labelled,
     clean_value,
-    entry_values,
+    entry_count,
     metric_label,
     metric_of,
 )
 
-__all__ = ["plot_accuracy_vs_ber", "plot_mondeq_margin_vs_bits", "plot_mondeq_displacement", "save_png"]
+__all__ = [
+    "plot_accuracy_vs_ber",
+    "plot_mondeq_margin_vs_bits",
+    "plot_mondeq_displacement",
+    "accuracy_vs_ber_figure",
+    "mondeq_margin_vs_bits_figure",
+    "mondeq_displacement_figure",
+    "save_png",
+]
 
 
-def _series(res: Result) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
-    """BER, mean, std, min, max over the completed positive-BER grid points, sorted by BER."""
+def _series(
+    res: Result,
+) -> tuple[list[float], list[float], list[float], list[float], list[float], list[int]]:
+    """BER, mean, std, min, max, patterns over the completed positive-BER grid points, sorted by BER."""
     rows = sorted(
-        (e for e in res["results"] if entry_values(e) and float(e["ber"]) > 0),
+        (e for e in res["results"] if entry_count(e) and float(e["ber"]) > 0),
         key=lambda e: float(e["ber"]),
     )
     return (
@@ -51,6 +62,7 @@ def _series(res: Result) -> tuple[list[float], list[float], list[float], list[fl
         [float(e["std"]) for e in rows],
         [float(e["min"]) for e in rows],
         [float(e["max"]) for e in rows],
+        [entry_count(e) for e in rows],
     )
 
 
@@ -66,6 +78,25 @@ def plot_accuracy_vs_ber(
     """Accuracy (or the results' metric) vs BER of one or several campaign results, saved as a PNG
     at ``path``; returns it. Fractions are drawn in percent on ``[0, 100]``; other metrics on their
     own scale, the axis label saying whether higher or lower is better."""
+    fig = accuracy_vs_ber_figure(results, title, band=band, percent=percent)
+    return save_png(fig, path, dpi=dpi)
+
+
+def accuracy_vs_ber_figure(
+    results: Results | Sequence[tuple[str, Result]],
+    title: str | None = None,
+    *,
+    band: str = "minmax",
+    percent: bool = True,
+    ci: bool = False,
+    legend_outside: bool = False,
+    zoom: bool = False,
+) -> Figure:
+    """The figure of :func:`plot_accuracy_vs_ber`; with ``ci``, also error bars of the 95 %
+    confidence interval of each mean (:func:`qmargin.report.stats.mean_confidence_interval`; a
+    BER entry needs its pattern count: its values, or ``patterns``); with ``legend_outside``, the
+    legend sits right of the plot (a wider figure) instead of over the curves; with ``zoom``, the
+    value axis spans the data (not ``[0, 100]`` %)."""
     if band not in ("minmax", "std"):
         raise ConfigError(f"band must be 'minmax' or 'std', got {band!r}")
     items = as_labelled(results)
@@ -76,7 +107,7 @@ def plot_accuracy_vs_ber(
     if metric["name"] != "top1":
         label += ", higher is better" if metric["higher_is_better"] else ", lower is better"
     k = 100.0 if percent else 1.0
-    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    fig = Figure(figsize=(9.6 if legend_outside else 7.5, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax0, ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 7]})
     cycle = [f"C{i}" for i in range(10)]
@@ -88,7 +119,7 @@ def plot_accuracy_vs_ber(
         name = name_i or f"mean {metric_label(metric)}"
         offset = (i - (len(items) - 1) / 2) * min(0.15, 0.7 / len(items))
         ax0.plot([offset], [k * clean_value(res)], marker=marker, color=color, ls="none", ms=7)
-        zero = next((e for e in res["results"] if float(e["ber"]) == 0 and entry_values(e)), None)
+        zero = next((e for e in res["results"] if float(e["ber"]) == 0 and entry_count(e)), None)
         if zero is not None and not (zero["min"] == zero["max"] == clean_value(res)):
             m = float(zero["mean"])
             ax0.errorbar(
@@ -101,7 +132,7 @@ def plot_accuracy_vs_ber(
                 ls="none",
                 capsize=3,
             )
-        bers, mean, std, lo, hi = _series(res)
+        bers, mean, std, lo, hi, counts = _series(res)
         if not bers:
             continue
         any_positive = True
@@ -112,10 +143,23 @@ def plot_accuracy_vs_ber(
                 lo, hi = [max(0.0, v) for v in lo], [min(1.0, v) for v in hi]
         ax.fill_between(bers, [k * v for v in lo], [k * v for v in hi], color=color, alpha=0.18, lw=0)
         ax.plot(bers, [k * v for v in mean], marker=marker, color=color, label=name, ms=5, lw=1.6)
+        if ci:
+            intervals = [mean_confidence_interval(m, s, n) for m, s, n in zip(mean, std, counts, strict=True)]
+            shown = [(b, m, iv) for b, m, iv in zip(bers, mean, intervals, strict=True) if iv is not None]
+            if shown:
+                ax.errorbar(
+                    [b for b, _, _ in shown],
+                    [k * m for _, m, _ in shown],
+                    yerr=[[k * (m - iv[0]) for _, m, iv in shown], [k * (iv[1] - m) for _, m, iv in shown]],
+                    color=color,
+                    ls="none",
+                    capsize=3.5,
+                    elinewidth=1.2,
+                )
     ax0.set_xlim(-0.5, 0.5)
     ax0.set_xticks([0.0], ["clean\n(p = 0)"])
     ax0.set_ylabel(label)
-    if fraction:
+    if fraction and not zoom:
         ax0.set_ylim(-0.02 * k, 1.02 * k)
     ax0.grid(True, axis="y", alpha=0.3)
     if any_positive:
@@ -124,9 +168,16 @@ def plot_accuracy_vs_ber(
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", alpha=0.1)
     band_txt = "min-max over patterns" if band == "minmax" else "mean ± std over patterns"
+    if ci:
+        band_txt += ";\nbars: 95% confidence interval of the mean"
     if any_positive:
+        where: dict[str, Any] = (
+            {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
+            if legend_outside
+            else {"loc": "lower left" if metric["higher_is_better"] else "upper left"}
+        )
         ax.legend(
-            loc="lower left" if metric["higher_is_better"] else "upper left",
+            **where,
             fontsize=9,
             frameon=True,
             title=f"line: mean; band: {band_txt}",
@@ -134,7 +185,7 @@ def plot_accuracy_vs_ber(
         )
     if title:
         fig.suptitle(title)
-    return save_png(fig, path, dpi=dpi)
+    return fig
 
 
 def save_png(fig: Figure, path: str | Path, *, dpi: int) -> Path:
@@ -153,6 +204,11 @@ def _figure() -> tuple[Figure, Any]:
 def plot_mondeq_margin_vs_bits(summary: Mapping[str, Any], path: str | Path) -> Path:
     """PTQ sweep: ``||dW||_2`` and exact ``mu(W~)`` per bit width (per-tensor and per-row) against
     ``mu(W)``; the certificate holds where ``||dW||_2 < mu(W)``."""
+    return save_png(mondeq_margin_vs_bits_figure(summary), path, dpi=120)
+
+
+def mondeq_margin_vs_bits_figure(summary: Mapping[str, Any]) -> Figure:
+    """The figure of :func:`plot_mondeq_margin_vs_bits`."""
     fig, ax = _figure()
     for pc, style in ((False, "o-"), (True, "s--")):
         rows = [r for r in summary["ptq"] if r["per_channel"] == pc]
@@ -170,12 +226,17 @@ def plot_mondeq_margin_vs_bits(summary: Mapping[str, Any], path: str | Path) -> 
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save_png(fig, path, dpi=120)
+    return fig
 
 
 def plot_mondeq_displacement(summary: Mapping[str, Any], path: str | Path) -> Path:
     """Measured ``||z* - z~*||`` per test sample against the full and the paper's bound (log-log);
     needs the per-sample lists (``distances``, ``bound_full``, ``bound_paper``) of each case."""
+    return save_png(mondeq_displacement_figure(summary), path, dpi=120)
+
+
+def mondeq_displacement_figure(summary: Mapping[str, Any]) -> Figure:
+    """The figure of :func:`plot_mondeq_displacement`."""
     fig, ax = _figure()
     for d in summary["displacement"]:
         ax.loglog(d["bound_full"], d["distances"], ".", ms=3, label=f"{d['bits']}-bit full bound")
@@ -191,4 +252,4 @@ def plot_mondeq_displacement(summary: Mapping[str, Any], path: str | Path) -> Pa
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save_png(fig, path, dpi=120)
+    return fig

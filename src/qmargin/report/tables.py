@@ -33,6 +33,7 @@ __all__ = [
     "metric_label",
     "clean_value",
     "entry_values",
+    "entry_count",
 ]
 
 Result = Mapping[str, Any]
@@ -67,6 +68,13 @@ def clean_value(res: Result) -> float:
 def entry_values(entry: Mapping[str, Any]) -> list[float]:
     """Per-pattern values of a BER entry: ``accuracies`` (top-1) or ``values``."""
     return list(entry.get("accuracies", entry.get("values", [])))
+
+
+def entry_count(entry: Mapping[str, Any]) -> int:
+    """Number of patterns of a BER entry: its values, or ``patterns`` where a summary stores only the
+    statistics (a reproduction's ``summary.json``)."""
+    values = entry_values(entry)
+    return len(values) if values else int(entry.get("patterns", 0))
 
 
 def _identity(metric: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,7 +169,7 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
         for e in res["results"]:
             row = [*prefix, format_ber(e["ber"])]
             row += [_acc(e.get(k), percent) for k in ("mean", "std", "min", "max")]
-            row.append(str(len(entry_values(e))))
+            row.append(str(entry_count(e)))
             if failures:
                 row.append(_mean_failures(e))
             rows.append(row)
