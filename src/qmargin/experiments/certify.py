@@ -32,6 +32,7 @@ quantizer).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ __all__ = [
     "load_mondeq_for_certification",
     "certify_weights",
     "certify_conv_weights",
+    "ConvReference",
+    "conv_float_reference",
     "conv_displacement",
     "fc_displacement",
     "certify_checkpoint",
@@ -251,25 +254,77 @@ def _allowance_dict(
     return out
 
 
+@dataclass(frozen=True)
+class ConvReference:
+    """The float network's equilibria on ``x`` (per batch), shared by the displacement checks of one core.
+
+    ``batches``: ``(x, v_f, z_f, eps_f)`` per batch, float64; ``eps_f`` the a-posteriori error bound
+    of ``z_f`` (:func:`qmargin.deq.conv_residual_error_bound`). ``converged``: every solve converged.
+    """
+
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    converged: bool
+
+
+def _solve_f32(kernel: torch.Tensor, grid: tuple[int, int], v: torch.Tensor, tol: float, max_iter: int):
+    """PR with Anderson in float32 (fast); the iterate is returned in float64 for the rigorous bounds."""
+    from qmargin.deq import solve
+    from qmargin.deq.operators import ConvOperator
+
+    op = ConvOperator(kernel.float(), grid)
+    z, st = solve(op, v.float(), "pr", tol=tol, max_iter=max_iter, accelerator="anderson")
+    return z.double(), st
+
+
+def conv_float_reference(
+    core: MonotoneMultiConv,
+    x: torch.Tensor,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 5000,
+    batch_size: int = 250,
+) -> ConvReference:
+    """Float equilibria ``z*`` of ``core`` (float ``K_W``, ``U``, ``b``) on ``x``, per batch."""
+    from qmargin.deq import conv_residual_error_bound
+
+    with torch.no_grad():
+        K = core.float_tensor("W").detach().double()
+        U = core.float_tensor("U").detach().double()
+        b = core.float_tensor("b").detach().double()
+        batches = []
+        converged = True
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(torch.float64)
+            v_f = core.inject(xb, U, b)
+            z_f, st = _solve_f32(K, core.grid, v_f, tol, max_iter)
+            converged = converged and bool(st.converged)
+            batches.append((xb, v_f, z_f, conv_residual_error_bound(K, core.grid, v_f, z_f)))
+    return ConvReference(batches, converged)
+
+
 def conv_displacement(
     core: MonotoneMultiConv,
     bits: int,
     per_channel: bool,
-    x: torch.Tensor,
+    x: torch.Tensor | None = None,
     *,
-    tol: float = 1e-9,
+    reference: ConvReference | None = None,
+    tol: float = 1e-6,
     max_iter: int = 5000,
     batch_size: int = 250,
     keep_samples: bool = False,
 ) -> dict[str, Any]:
     """The displacement bound checked on every sample of ``x`` for a conv core quantized at ``bits``.
 
-    Float ``z*`` (``K_W``, ``U``, ``b``) and quantized ``z~*`` (``Q_b`` of all three) solved in float64
-    by PR with Anderson to ``tol``; :func:`qmargin.deq.conv_displacement_bound` at ``z~*`` with
-    ``n_in = ||dU||_2 ||x|| + ||db||``. The solver error is accounted for with the a-posteriori bound
-    :func:`qmargin.deq.conv_residual_error_bound` (``eps_f``, and ``eps_q`` when ``mu(W~) > 0``): a
-    sample passes if ``||z_f - z_q|| <= bound(z_q) + eps_f + eps_q (1 + ||dW||_2 / mu(W))``.
-    Reports the share of samples that pass and ``max ||z_f - z_q|| / bound`` per bound form.
+    Float ``z*`` (``K_W``, ``U``, ``b``; or ``reference``, :func:`conv_float_reference`) and quantized
+    ``z~*`` (``Q_b`` of all three) solved by PR with Anderson to the relative residual ``tol`` (in
+    float32, for speed); everything after the solve is float64: the bound
+    :func:`qmargin.deq.conv_displacement_bound` at ``z~*`` with ``n_in = ||dU||_2 ||x|| + ||db||`` and
+    the solvers' errors, accounted for with the a-posteriori bound
+    :func:`qmargin.deq.conv_residual_error_bound` (``eps_f``, and ``eps_q`` when ``mu(W~) > 0``,
+    rigorous for any iterate whatever its precision): a sample passes if
+    ``||z_f - z_q|| <= bound(z_q) + eps_f + eps_q (1 + ||dW||_2 / mu(W))``. Reports the share of
+    samples that pass and ``max ||z_f - z_q|| / bound`` per bound form.
     """
     from qmargin.deq import (
         DisplacementBound,
@@ -277,11 +332,13 @@ def conv_displacement(
         conv_frequency_blocks,
         conv_residual_error_bound,
         monotonicity_margin,
-        solve,
         spectral_norm,
     )
-    from qmargin.deq.operators import ConvOperator
 
+    if reference is None:
+        if x is None:
+            raise ValueError("conv_displacement needs the inputs x or a float reference")
+        reference = conv_float_reference(core, x, tol=tol, max_iter=max_iter, batch_size=batch_size)
     t = _conv_quantized(core, bits, per_channel)
     grid = core.grid
     mu = float(monotonicity_margin(conv_frequency_blocks(t["K"], grid, onesided=True)))
@@ -289,23 +346,18 @@ def conv_displacement(
     dw = float(spectral_norm(conv_frequency_blocks(t["K_q"] - t["K"], grid, onesided=True)))
     du = float(spectral_norm(conv_frequency_blocks(t["U_q"] - t["U"], core.image_size, onesided=True)))
     db = float(torch.linalg.vector_norm(core.expanded_bias(t["b_q"] - t["b"])))
-    op_f, op_q = ConvOperator(t["K"], grid), ConvOperator(t["K_q"], grid)
     rigorous = mu_q > 0
     dists, fulls, norms, papers, slacks = [], [], [], [], []
-    converged = True
+    converged = reference.converged
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i : i + batch_size].to(torch.float64)
-            v_f = core.inject(xb, t["U"], t["b"])
+        for xb, v_f, z_f, eps_f in reference.batches:
             v_q = core.inject(xb, t["U_q"], t["b_q"])
-            z_f, st_f = solve(op_f, v_f, "pr", tol=tol, max_iter=max_iter, accelerator="anderson")
-            z_q, st_q = solve(op_q, v_q, "pr", tol=tol, max_iter=max_iter, accelerator="anderson")
-            converged = converged and bool(st_f.converged and st_q.converged)
+            z_q, st_q = _solve_f32(t["K_q"], grid, v_q, tol, max_iter)
+            converged = converged and bool(st_q.converged)
             x_norm = torch.linalg.vector_norm(xb.flatten(1), dim=1)
             bound = conv_displacement_bound(
                 t["K"], t["K_q"], grid, z_q, v_q - v_f, input_norm_bound=du * x_norm + db
             )
-            eps_f = conv_residual_error_bound(t["K"], grid, v_f, z_f)
             eps_q = (
                 conv_residual_error_bound(t["K_q"], grid, v_q, z_q) if rigorous else torch.zeros_like(eps_f)
             )
@@ -407,13 +459,16 @@ def certify_checkpoint(
         data = load_dataset(config.dataset, data_dir=config.data_dir)
         x = data.x_test[:samples]
     results = []
+    ref: ConvReference | None = None
     for b in bits:
         if isinstance(core, MonotoneMultiConv):
             row = certify_conv_weights(
                 core, b, per_channel, ber=ber, patterns=patterns, seed=seed, layer=layer
             )
             if x is not None:
-                row["displacement"] = conv_displacement(core, b, per_channel, x)
+                if ref is None:
+                    ref = conv_float_reference(core, x)
+                row["displacement"] = conv_displacement(core, b, per_channel, reference=ref)
         elif isinstance(core, MonotoneLinear):
             row = certify_weights(core, b, per_channel, ber=ber, patterns=patterns, seed=seed, layer=layer)
             row["form"] = "fc"

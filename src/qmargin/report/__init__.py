@@ -6,10 +6,17 @@ return and store as JSON, so a stored result renders again without rerunning any
 
 from qmargin.report.plots import (
     plot_accuracy_vs_ber,
+    plot_mondeq_conv_certificates,
+    plot_mondeq_conv_displacement,
     plot_mondeq_displacement,
     plot_mondeq_margin_vs_bits,
 )
-from qmargin.report.reproductions import ablation_markdown, mcel_markdown, mondeq_markdown
+from qmargin.report.reproductions import (
+    ablation_markdown,
+    mcel_markdown,
+    mondeq_conv_markdown,
+    mondeq_markdown,
+)
 from qmargin.report.tables import (
     ber_table,
     compare_table,
@@ -30,4 +37,7 @@ __all__ = [
     "mcel_markdown",
     "ablation_markdown",
     "mondeq_markdown",
+    "mondeq_conv_markdown",
+    "plot_mondeq_conv_certificates",
+    "plot_mondeq_conv_displacement",
 ]
