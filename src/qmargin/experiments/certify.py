@@ -280,8 +280,8 @@ def conv_float_reference(
     core: MonotoneMultiConv,
     x: torch.Tensor,
     *,
-    tol: float = 1e-6,
-    max_iter: int = 5000,
+    tol: float = 1e-5,
+    max_iter: int = 2000,
     batch_size: int = 250,
 ) -> ConvReference:
     """Float equilibria ``z*`` of ``core`` (float ``K_W``, ``U``, ``b``) on ``x``, per batch."""
@@ -309,8 +309,8 @@ def conv_displacement(
     x: torch.Tensor | None = None,
     *,
     reference: ConvReference | None = None,
-    tol: float = 1e-6,
-    max_iter: int = 5000,
+    tol: float = 1e-5,
+    max_iter: int = 2000,
     batch_size: int = 250,
     keep_samples: bool = False,
 ) -> dict[str, Any]:
