@@ -52,7 +52,9 @@ def _dense_kernel(kernel: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return ConvOperator(kernel, grid).to_dense()
 
 
-def _dense_input(core: MonotoneMultiConv, U: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_input(
+    core: MonotoneMultiConv, U: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_dense, b_dense)`` with ``inject(x, U, b).flatten() = U_dense x.flatten() + b_dense``."""
     shape = (core.in_channels, *core.image_size)
     d = math.prod(shape)
