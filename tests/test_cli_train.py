@@ -40,7 +40,15 @@ def test_loss_flags_map_into_loss_kwargs(tmp_path, args, loss, loss_kwargs):
     assert "margin" not in cfg  # no flat loss keys any more
 
 
-@pytest.mark.parametrize(("model", "expected"), [("mlp", {"hidden": [16, 16]}), ("mondeq", {"n": 16})])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("mlp", {"hidden": [16, 16]}),
+        ("mondeq", {"n": 16}),
+        ("mondeq-conv", {"channels": 16}),
+        ("mondeq-multitier", {"channels": 16}),
+    ],
+)
 def test_hidden_is_mapped_by_the_model_registry(tmp_path, model, expected):
     assert _train(tmp_path, "--model", model, "--hidden", "16")["model_kwargs"] == expected
 

@@ -113,3 +113,36 @@ def test_mondeq_reproduction_fast(tmp_path):
     assert [r["method"] for r in s["qat"]] == ["QAT", "QAT per-row", "certified QAT"]
     assert (tmp_path / "results" / "mondeq_test_margin_vs_bits.png").is_file()
     assert (tmp_path / "results" / "mondeq_test_displacement.png").is_file()
+
+
+def test_mondeq_conv_preset_tiny(tmp_path):
+    """The conv preset's path on a tiny configuration: certificates, displacement on every sample, resume."""
+    from qmargin.experiments.mondeq import ConvPreset
+
+    preset = ConvPreset(epochs=1, qat_epochs=1, channels=2, ptq_bits=(3, 8), qat_bits=(4,))
+    kwargs = dict(
+        preset="tiny", preset_override=preset, out_dir=tmp_path / "out", results_dir=tmp_path / "results",
+        dataset="digits",
+    )
+    res = run_mondeq_reproduction(**kwargs)
+    s = res["summary"]
+    assert s["displacement_samples"] == s["test_samples"] == 359
+    assert [(r["method"], r["bits"]) for r in s["ptq"] + s["qat"]] == [
+        ("PTQ", 3), ("PTQ", 8), ("certified QAT", 4)
+    ]
+    for r in s["ptq"] + s["qat"]:
+        assert r["certified"] == (r["delta_w_norm"] < r["margin"]) and r["frequencies"] == 40
+        d = r["displacement"]
+        assert d["samples"] == 359 and d["share_full"] == 1.0 and d["ratio_full_with_allowance"] <= 1.0
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["nonconverged_samples"] >= 0
+    assert s["ptq"][1]["delta_w_norm"] < s["ptq"][0]["delta_w_norm"]  # 8 bits move W less than 3
+    assert s["qat"][0]["m"] > s["float"]["m"]  # certified QAT starts from m0 = 1
+    md = (tmp_path / "results" / "mondeq_tiny.md").read_text()
+    assert "certified QAT" in md and "max ‖z*−z~*‖ / bound" in md
+    for name in ("mondeq_tiny_certificates.png", "mondeq_tiny_displacement.png", "mondeq_tiny.json"):
+        assert (tmp_path / "results" / name).is_file()
+    # resumable: a rerun trains nothing and reuses every analysis step (keyed by the weights' hash)
+    cached = sorted(p.name for p in (tmp_path / "out" / "analysis").iterdir())
+    assert cached == ["certified-qat-4bit.json", "float.json", "ptq-3bit.json", "ptq-8bit.json"]
+    again = run_mondeq_reproduction(**kwargs)["summary"]
+    assert again["ptq"] == s["ptq"] and again["qat"] == s["qat"] and again["float"] == s["float"]

@@ -45,7 +45,7 @@ QUANT = opt.Choice("sym", "asym")
 OPTIMIZER = opt.Choice("adam", "sgd")
 SCHEDULE = opt.Choice("none", "cosine", "step")
 MCEL_PRESETS = ("fast", "full", "fashion", "cifar10")
-MONDEQ_PRESETS = ("fast", "full")
+MONDEQ_PRESETS = ("fast", "full", "conv")
 
 
 # -- parsing helpers ----------------------------------------------------------------------------
@@ -121,7 +121,11 @@ def train(
         str, typer.Option(click_type=opt.NAME, help="digits | mnist5k | mnist | fashion-mnist | cifar10")
     ] = "digits",
     model: Annotated[
-        str, typer.Option(click_type=opt.NAME, help="mlp | vgg3 | vgg7 | resnet20 | mondeq")
+        str,
+        typer.Option(
+            click_type=opt.NAME,
+            help="mlp | vgg3 | vgg7 | resnet20 | mondeq | mondeq-conv | mondeq-multitier",
+        ),
     ] = "mlp",
     bits: Annotated[
         int,
@@ -195,13 +199,16 @@ def train(
     data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
     download: Annotated[bool, typer.Option(help="Download missing dataset files (checksummed).")] = False,
     certify: Annotated[
-        bool, typer.Option(help="MonDEQ: certified (margin-aware) quantization-aware training.")
+        bool,
+        typer.Option(
+            help="MonDEQ: certified (margin-aware) quantization-aware training (conv: exact per frequency)."
+        ),
     ] = False,
     hidden: Annotated[
         int | None,
         typer.Option(
             click_type=opt.Integer(1, opt.MAX_WIDTH),
-            help="Hidden width (MLP: both layers, VGG: classifier, MonDEQ: n).",
+            help="Hidden width (MLP: both layers, VGG: classifier, MonDEQ: n, conv MonDEQs: channels).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Discard what the run directory holds and start over.")] = False,
@@ -990,12 +997,24 @@ def certify(
             "flips in its pattern r (same codes, paired).",
         ),
     ] = 0,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            click_type=opt.Integer(1, opt.MAX_BATCH),
+            help="Run directories: check the displacement bound on this many test samples per bit width.",
+        ),
+    ] = None,
 ) -> None:
     """Certificates of a MonDEQ quantized at several bit widths, from the weights alone.
 
+    Fully connected, single-convolution and multi-tier MonDEQs; convolutional ones are certified
+    exactly per frequency (one c x c block per frequency of the circular convolution).
+
     With --ber, pattern r is drawn exactly as a bit-error campaign draws its pattern r with the same
     --seed (the stored W of the MonDEQ core, seed SEED + r), so certified shares and campaign
-    accuracies refer to the same corrupted codes.
+    accuracies refer to the same corrupted codes. With --samples, the equilibria of the float and
+    the quantized network are solved on that many test samples and the displacement bound
+    ||z* - z~*|| <= ||dW z~* + dU x + db|| / mu(W) is checked on each (max ratio, share that holds).
     """
     bit_list = list(bits)
     if ber is not None:
@@ -1009,9 +1028,15 @@ def certify(
             check_output(out, inputs=run_input_files(checkpoint), what="--out")
             outputs.enter_context(lock_output(out))
         result = certify_checkpoint(
-            checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed
+            checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed,
+            samples=samples,
         )
-        console.print(certificate_table(result["results"], title=f"{checkpoint}: quantization certificates"))
+        title = f"{checkpoint}: quantization certificates"
+        if result.get("form") == "conv":
+            first = result["results"][0]
+            c = first["block_size"]
+            title += f" (exact per frequency: {first['frequencies']} blocks of {c}x{c})"
+        console.print(certificate_table(result["results"], title=title))
         if out is not None:
             atomic_write_json(out, result)
             console.print(f"wrote {out}")
@@ -1082,17 +1107,32 @@ def reproduce_mcel_ablation(
 
 @reproduce_app.command("mondeq")
 def reproduce_mondeq(
-    preset: Annotated[str, typer.Option(click_type=opt.Choice(*MONDEQ_PRESETS), help="fast | full")] = "fast",
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/reproduce-mondeq"),
+    preset: Annotated[
+        str,
+        typer.Option(
+            click_type=opt.Choice(*MONDEQ_PRESETS),
+            help="fast | full (fully connected) | conv (single convolution, certified 4/3-bit QAT)",
+        ),
+    ] = "fast",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (runs/reproduce-mondeq; conv: runs/reproduce-mondeq-conv)."),
+    ] = None,
     results_dir: Annotated[
         Path | None, typer.Option(help="Also write tables and plots here (docs/results).")
     ] = None,
     html: Annotated[Path | None, typer.Option(help="HTML report (default: OUT/report.html).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """MonDEQ PTQ sweep with certificates, displacement validation, QAT and certified QAT."""
+    """MonDEQ PTQ sweep with certificates, displacement validation, QAT and certified QAT.
+
+    --preset conv: a single-convolution MonDEQ, certificates exact per frequency, the displacement
+    bound checked on every test sample, certified QAT at 4 and 3 bits.
+    """
     from qmargin.experiments.mondeq import run_mondeq_reproduction  # lazy: torch
 
+    if out is None:
+        out = Path("runs/reproduce-mondeq-conv" if preset == "conv" else "runs/reproduce-mondeq")
     report_path = check_output(html or out / "report.html", what="HTML report (--html)")
     log = _logger(quiet)
     result = run_mondeq_reproduction(preset=preset, out_dir=out, log=log, results_dir=results_dir)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from qmargin.deq import spectral
+from qmargin.deq.operators import ConvOperator
 
 __all__ = [
     "monotonicity_margin",
@@ -56,6 +57,8 @@ __all__ = [
     "DisplacementBound",
     "displacement_bound",
     "residual_error_bound",
+    "conv_displacement_bound",
+    "conv_residual_error_bound",
 ]
 
 
@@ -485,3 +488,92 @@ def residual_error_bound(
         pre = pre + b.to(torch.float64).reshape(-1)
     r = zz - torch.relu(pre)
     return torch.linalg.vector_norm(r, dim=1) + torch.linalg.vector_norm(r @ Wf.T, dim=1) / mu
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolutional W: displacement and solver error with per-frequency (exact) mu and ||dW||_2
+# --------------------------------------------------------------------------------------------------
+def _conv_check(kernel: Tensor, grid: tuple[int, int], z: Tensor, name: str) -> None:
+    if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"{name} must be a (c, c, kh, kw) kernel, got shape {tuple(kernel.shape)}")
+    if z.dim() != 4 or tuple(z.shape[1:]) != (kernel.shape[0], *grid):
+        raise ValueError(
+            f"states must be (N, {kernel.shape[0]}, {grid[0]}, {grid[1]}), got {tuple(z.shape)}"
+        )
+
+
+def _conv_margin(kernel: Tensor, grid: tuple[int, int]) -> float:
+    return float(monotonicity_margin(conv_frequency_blocks(kernel, grid, onesided=True)))
+
+
+def conv_displacement_bound(
+    kernel: Tensor,
+    kernel_q: Tensor,
+    grid: tuple[int, int],
+    z_q: Tensor,
+    dv: Tensor,
+    *,
+    input_norm_bound: Tensor | None = None,
+) -> DisplacementBound:
+    """:func:`displacement_bound` for a circular convolution ``W`` (kernel ``K``, quantized ``K~``).
+
+    With ``e = dW z~* + dU x + db`` (``dW`` the circular convolution with ``dK = K~ - K``,
+    ``dv = dU x + db = v~ - v`` the change of the injection, given per sample in the state's shape):
+
+        ||z* - z~*|| <= ||e|| / mu(W)                                                    (full)
+                     <= (||dW||_2 ||z~*|| + n_in) / mu(W)                                (norm form)
+
+    with ``n_in = input_norm_bound`` (e.g. ``||dU||_2 ||x|| + ||db||``) or ``||dv||`` when not given,
+    and the paper's form ``||dW||_2 ||z~*|| / mu(W)``. ``mu(W) = min_f lambda_min(Herm(I - K_f))`` and
+    ``||dW||_2 = max_f ||dK_f||_2`` are exact per-frequency quantities (the DFT is unitary), the proof
+    is that of :func:`displacement_bound` word for word. Multi-tier networks pass their polyphase
+    kernel, coarse grid and polyphase states (a permutation of coordinates: norms unchanged).
+    """
+    _conv_check(kernel, grid, z_q, "kernel")
+    if kernel_q.shape != kernel.shape:
+        raise ValueError(
+            f"kernel_q must have the shape of kernel {tuple(kernel.shape)}, got {tuple(kernel_q.shape)}"
+        )
+    if dv.shape != z_q.shape:
+        raise ValueError(f"dv must have the shape of z_q {tuple(z_q.shape)}, got {tuple(dv.shape)}")
+    K = kernel.to(torch.float64)
+    dK = kernel_q.to(torch.float64) - K
+    mu = _conv_margin(K, grid)
+    if not mu > 0.0:
+        raise ValueError(f"the float operator is not strongly monotone (mu(W) = {mu:.3g} <= 0): no bound")
+    z = z_q.to(torch.float64)
+    d = dv.to(torch.float64)
+    e = ConvOperator(dK, grid).matvec(z) + d
+    dw = float(spectral_norm(conv_frequency_blocks(dK, grid, onesided=True)))
+    z_norm = torch.linalg.vector_norm(z.flatten(1), dim=1)
+    n_in = (
+        torch.linalg.vector_norm(d.flatten(1), dim=1)
+        if input_norm_bound is None
+        else input_norm_bound.to(torch.float64).reshape(-1)
+    )
+    return DisplacementBound(
+        full=torch.linalg.vector_norm(e.flatten(1), dim=1) / mu,
+        norm_form=(dw * z_norm + n_in) / mu,
+        paper=dw * z_norm / mu,
+        margin=mu,
+    )
+
+
+def conv_residual_error_bound(kernel: Tensor, grid: tuple[int, int], v: Tensor, z: Tensor) -> Tensor:
+    """:func:`residual_error_bound` for a circular ``W``: ``||z - z*|| <= ||r|| + ||W r|| / mu(W)``.
+
+    ``r = z - relu(W z + v)`` per sample (``v`` the injection ``U x + b`` in the state's shape),
+    ``mu(W)`` exact per frequency. Returns ``(N,)`` float64.
+    """
+    _conv_check(kernel, grid, z, "kernel")
+    K = kernel.to(torch.float64)
+    mu = _conv_margin(K, grid)
+    if not mu > 0.0:
+        raise ValueError(f"W is not strongly monotone (mu(W) = {mu:.3g} <= 0): no bound")
+    zz = z.to(torch.float64)
+    op = ConvOperator(K, grid)
+    r = zz - torch.relu(op.matvec(zz) + v.to(torch.float64))
+    return (
+        torch.linalg.vector_norm(r.flatten(1), dim=1)
+        + torch.linalg.vector_norm(op.matvec(r).flatten(1), dim=1) / mu
+    )

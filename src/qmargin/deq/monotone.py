@@ -445,18 +445,34 @@ class MonotoneMultiConv(MonotoneParameterization):
 
     def injection(self, x: Tensor) -> Tensor:
         """``v_0 = U * x + b_0`` (circular conv) on tier 0, ``v_t = b_t`` on the others; polyphase form."""
+        return self.inject(x, self.tensor("U"), self.tensor("b"))
+
+    def inject(self, x: Tensor, U: Tensor, b: Tensor) -> Tensor:
+        """:meth:`injection` with the given ``U`` kernel and ``b`` (e.g. float and quantized, to compare)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):
             raise ValueError(
                 f"expected input (N, {self.in_channels}, {self.image_size[0]}, {self.image_size[1]}), "
                 f"got {tuple(x.shape)}"
             )
-        b = torch.split(self.tensor("b"), self.channels)
-        tiers = [circular_conv2d(x, self.tensor("U")) + b[0].view(1, -1, 1, 1)]
+        bs = torch.split(b, self.channels)
+        tiers = [circular_conv2d(x, U) + bs[0].view(1, -1, 1, 1)]
         N = x.shape[0]
         for t in range(1, len(self.channels)):
             h, w = self.image_size[0] // 2**t, self.image_size[1] // 2**t
-            tiers.append(b[t].view(1, -1, 1, 1).expand(N, -1, h, w))
+            tiers.append(bs[t].view(1, -1, 1, 1).expand(N, -1, h, w))
         return self.to_polyphase(tiers)
+
+    def expanded_bias(self, b: Tensor) -> Tensor:
+        """The bias over the whole state: ``b_t`` repeated over tier ``t``'s pixels, in tier order.
+
+        A permutation of the polyphase coordinates the injection adds it to (same norm, which is
+        what the certificates use).
+        """
+        parts = []
+        for t, bt in enumerate(torch.split(b, self.channels)):
+            h, w = self.image_size[0] // 2**t, self.image_size[1] // 2**t
+            parts.append(bt.repeat_interleave(h * w))
+        return torch.cat(parts)
 
     def to_output(self, z: Tensor) -> Tensor | tuple[Tensor, ...]:
         tiers = self.to_tiers(z)

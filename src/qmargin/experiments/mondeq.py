@@ -1,5 +1,7 @@
 """``qmargin reproduce mondeq``: quantization robustness of a fully connected MonDEQ on mnist5k.
 
+(``--preset conv``: the single-convolution experiment of :mod:`qmargin.experiments.mondeq_conv`.)
+
 1. Train the float FC MonDEQ (n = 100, r = 25, learnable m starting at 0.2, PR solver).
 2. PTQ sweep at 3..12 bits, per-tensor and per-row (per-channel) scales, W, U, b and the head
    quantized: ``||dW||_2``, ``mu(W)``, exact ``mu(W~)``, certified, monotone, FB and PR iterations on
@@ -33,13 +35,21 @@ from qmargin.deq import (
 )
 from qmargin.deq.operators import DenseOperator
 from qmargin.errors import ConfigError
+from qmargin.experiments.mondeq_conv import CONV_PRESETS, ConvPreset, run_mondeq_conv_reproduction
 from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
 from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.models.mondeq import build_mondeq
 from qmargin.quant import QuantSpec
 from qmargin.report import mondeq_markdown, plot_mondeq_displacement, plot_mondeq_margin_vs_bits
 
-__all__ = ["MonDEQPreset", "PRESETS", "run_mondeq_reproduction", "ptq_certificates"]
+__all__ = [
+    "MonDEQPreset",
+    "ConvPreset",
+    "PRESETS",
+    "FC_PRESETS",
+    "run_mondeq_reproduction",
+    "ptq_certificates",
+]
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,13 @@ class MonDEQPreset:
     model_kwargs: dict[str, Any] | None = None  # default: BASE_KWARGS
 
 
-PRESETS = {
+FC_PRESETS = {
     "fast": MonDEQPreset(epochs=15, qat_epochs=15, seeds=(0,)),
     "full": MonDEQPreset(epochs=30, qat_epochs=30, seeds=(0, 1, 2)),
 }
+PRESETS: dict[str, MonDEQPreset | ConvPreset] = {**FC_PRESETS, **CONV_PRESETS}
+"""Every preset of ``qmargin reproduce mondeq``: the fully connected ones and the convolutional ones
+(:mod:`qmargin.experiments.mondeq_conv`)."""
 
 BASE_KWARGS = {"n": 100, "r": 25, "m": 0.2, "learn_m": True, "solver": "pr"}
 
@@ -164,13 +177,23 @@ def run_mondeq_reproduction(
     out_dir: str | Path = "runs/reproduce-mondeq",
     results_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda msg: None,
-    preset_override: MonDEQPreset | None = None,
+    preset_override: MonDEQPreset | ConvPreset | None = None,
     dataset: str = "mnist5k",
 ) -> dict[str, Any]:
-    """Run the MonDEQ experiment; returns ``{"summary": ..., "markdown": ...}`` (resumable runs)."""
+    """Run the MonDEQ experiment; returns ``{"summary": ..., "markdown": ...}`` (resumable runs).
+
+    A convolutional preset (``conv``, or a :class:`ConvPreset` override) runs
+    :func:`qmargin.experiments.mondeq_conv.run_mondeq_conv_reproduction` under the same lock.
+    """
     if preset_override is None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = preset_override or PRESETS[preset]
+    if isinstance(preset_override, ConvPreset) or (preset_override is None and preset in CONV_PRESETS):
+        conv = preset_override if isinstance(preset_override, ConvPreset) else None
+        return run_mondeq_conv_reproduction(
+            preset=preset, out_dir=out_dir, results_dir=results_dir, log=log, preset_override=conv,
+            dataset=dataset,
+        )
+    p = preset_override if isinstance(preset_override, MonDEQPreset) else FC_PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset)

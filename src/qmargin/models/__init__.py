@@ -7,7 +7,7 @@ optional ``bias_spec``; quantized layers are :class:`~qmargin.quant.QuantLinear`
 
 from qmargin.models.layers import conv2d, linear
 from qmargin.models.mlp import MLP
-from qmargin.models.mondeq import MonDEQNet, build_mondeq
+from qmargin.models.mondeq import MonDEQNet, build_mondeq, build_mondeq_conv, build_mondeq_multitier
 from qmargin.models.registry import (
     HiddenMapper,
     ModelBuilder,
@@ -21,6 +21,8 @@ from qmargin.models.resnet import BasicBlock, CifarResNet, resnet20
 from qmargin.models.vgg import VGG, vgg3, vgg7
 
 register_model("mondeq", build_mondeq, hidden="n", overwrite=True)  # the MonDEQ classifier of qmargin.deq
+register_model("mondeq-conv", build_mondeq_conv, hidden="channels", overwrite=True)
+register_model("mondeq-multitier", build_mondeq_multitier, hidden="channels", overwrite=True)
 
 __all__ = [
     "MLP",
@@ -32,6 +34,8 @@ __all__ = [
     "resnet20",
     "MonDEQNet",
     "build_mondeq",
+    "build_mondeq_conv",
+    "build_mondeq_multitier",
     "linear",
     "conv2d",
     "ModelBuilder",

@@ -8,11 +8,18 @@ return and store as JSON, so a stored result renders again without rerunning any
 from qmargin.report.html import report_html
 from qmargin.report.plots import (
     plot_accuracy_vs_ber,
+    plot_mondeq_conv_certificates,
+    plot_mondeq_conv_displacement,
     plot_mondeq_displacement,
     plot_mondeq_margin_vs_bits,
 )
 from qmargin.report.provenance import machine_description, provenance
-from qmargin.report.reproductions import ablation_markdown, mcel_markdown, mondeq_markdown
+from qmargin.report.reproductions import (
+    ablation_markdown,
+    mcel_markdown,
+    mondeq_conv_markdown,
+    mondeq_markdown,
+)
 from qmargin.report.stats import mean_confidence_interval
 from qmargin.report.tables import (
     ber_table,
@@ -38,4 +45,7 @@ __all__ = [
     "mean_confidence_interval",
     "machine_description",
     "provenance",
+    "mondeq_conv_markdown",
+    "plot_mondeq_conv_certificates",
+    "plot_mondeq_conv_displacement",
 ]

@@ -15,7 +15,11 @@ def _f(v: Any, fmt: str = ".4f") -> str:
 
 
 def certificate_table(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> Table:
-    """One row per bit width: ||dW||_2, mu(W), exact mu(W~), certified, monotone, rates, bit-flip budget."""
+    """One row per bit width: ||dW||_2, mu(W), exact mu(W~), certified, monotone, rates, bit-flip budget.
+
+    With BER rows: the certified / monotone shares; with ``displacement`` (``certify --samples``): the
+    samples checked, ``max ||z* - z~*|| / bound`` (full form) and the share on which it holds.
+    """
     t = Table(title=title)
     cols = [
         "bits",
@@ -32,6 +36,9 @@ def certificate_table(rows: Sequence[dict[str, Any]], *, title: str | None = Non
     has_ber = any("ber_certified_share" in r for r in rows)
     if has_ber:
         cols += ["BER certified", "BER monotone"]
+    has_disp = any("displacement" in r for r in rows)
+    if has_disp:
+        cols += ["samples", "max ‖z*−z~*‖ / bound", "bound holds"]
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
@@ -49,5 +56,8 @@ def certificate_table(rows: Sequence[dict[str, Any]], *, title: str | None = Non
         ]
         if has_ber:
             cells += [_f(r.get("ber_certified_share"), ".2%"), _f(r.get("ber_monotone_share"), ".2%")]
+        if has_disp:
+            d = r.get("displacement") or {}
+            cells += [_f(d.get("samples"), "d"), _f(d.get("ratio_full")), _f(d.get("share_full"), ".2%")]
         t.add_row(*cells)
     return t

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["mcel_markdown", "ablation_markdown", "mondeq_markdown"]
+__all__ = ["mcel_markdown", "ablation_markdown", "mondeq_markdown", "mondeq_conv_markdown"]
 
 
 def mcel_markdown(summary: dict[str, Any]) -> str:
@@ -145,4 +145,63 @@ def mondeq_markdown(s: dict[str, Any]) -> str:
             f"{_yn(r['certified'])} | {_yn(r['pr_converged'])} | {100 * r['accuracy']:.1f} | "
             f"{r['train_time_s']:.0f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def mondeq_conv_markdown(s: dict[str, Any]) -> str:
+    """Markdown of :func:`qmargin.experiments.mondeq_conv.run_mondeq_conv_reproduction`'s summary."""
+    f = s["float"]
+    rows = [*s["ptq"], *s["qat"]]
+    first = rows[0] if rows else {}
+    kw = s.get("model_kwargs", {})
+    lines = [
+        f"Single-convolution MonDEQ (`mondeq-conv`, {kw.get('channels')} channels, 3x3 factors, circular "
+        f"padding) on {s['dataset']}; W, U, b and the head quantized, per-output-channel scales for W and U. "
+        f"Certificates exact per frequency: {first.get('frequencies', '-')} blocks of "
+        f"{first.get('block_size', '-')}x{first.get('block_size', '-')} (rfft half of the "
+        f"{'x'.join(str(g) for g in first.get('grid', []))} grid). Accuracy counts every non-converged solve "
+        f"as an error. The displacement bound ‖z*−z~*‖ ≤ ‖dW z~* + dU x + db‖/μ(W) is checked on "
+        f"{s['displacement_samples']} of {s['test_samples']} test samples (solver error accounted for).",
+        "",
+        "### Float model",
+        "",
+        "| accuracy (%) | m | μ(W) | L(W) | PR iters | train time (s) |",
+        "|---|---|---|---|---|---|",
+        f"| {100 * f['accuracy']:.1f} | {f['m']:.3f} | {f['mu']:.4f} | {f['L']:.3f} | "
+        f"{f['solver_iterations']:.0f} | {f['train_time_s']:.0f} |",
+        "",
+        "### PTQ and certified QAT",
+        "",
+        "| method | bits | ‖dW‖₂ | μ(W) | exact μ(W~) | certified | monotone | max certified flips "
+        "| accuracy (%) | non-converged | PR iters | max ‖z*−z~*‖ / bound | bound holds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = r.get("displacement", {})
+        lines.append(
+            f"| {r['method']} | {r['bits']} | {r['delta_w_norm']:.4f} | {r['margin']:.4f} | "
+            f"{r['margin_quantized']:.4f} | {_yn(r['certified'])} | {_yn(r['monotone'])} | "
+            f"{_f(r.get('max_certified_bit_flips'), 'd')} | {100 * r['accuracy']:.1f} | "
+            f"{r['nonconverged_samples']} | {r['solver_iterations']:.0f} | "
+            f"{_f(d.get('ratio_full'), '.3f')} | "
+            f"{_f(d.get('share_full'), '.1%')} |"
+        )
+    qat = [r for r in s["qat"] if "train_time_s" in r]
+    if qat:
+        lines += [
+            "",
+            "| certified QAT | bits | m | train time (s) | certificate time (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in qat:
+            lines.append(
+                f"| | {r['bits']} | {r['m']:.3f} | {r['train_time_s']:.0f} | {r['certificate_time_s']:.3f} |"
+            )
+    if "wall_time_s" in s:
+        threads = s.get("threads", "?")
+        lines += ["", f"Wall time of this invocation: {s['wall_time_s']:.0f} s ({threads} thread(s))."]
     return "\n".join(lines) + "\n"
