@@ -1,7 +1,7 @@
 """``qmargin reproduce mondeq --preset conv``: a certified low-bit single-convolution MonDEQ.
 
 1. Train the float single-convolution MonDEQ (``mondeq-conv``: ``C`` channels, 3 x 3 factors, circular
-   padding, learnable m starting at 0.2, PR, head on the 4 x 4 average-pooled state).
+   padding, learnable m starting at 0.2, PR, head on the 4 x 4 average-pooled state; Adam, lr 3e-3).
 2. Post-training quantization at 3..8 bits (per-output-channel scales for ``W`` and ``U``, one scale
    for ``b``; the head too): the certificate *exact per frequency* (``||dW||_2``, ``mu(W)``,
    ``mu(W~)`` over the ``H (W // 2 + 1)`` blocks ``c x c`` of the circular convolution), the bit-flip
@@ -64,10 +64,14 @@ class ConvPreset:
     per_channel: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=lambda: {"tol": 1e-3, "max_iter": 200})
     displacement_samples: int | None = None  # None: every test sample
+    displacement_max_iter: int = 500  # cap of the displacement solves (a non-monotone W~ may not converge)
     batch_size: int = 128
+    lr: float = 3e-3
+    qat_m: float = 1.0  # initial m of the certified QAT runs (a margin to spend on quantization)
 
 
-CONV_PRESETS = {"conv": ConvPreset(epochs=3, qat_epochs=3)}
+CONV_PRESETS = {"conv": ConvPreset(epochs=4, qat_epochs=4)}
+"""``conv``: about 9 minutes on one (shared) CPU core, measured; see docs/results/mondeq_conv.md."""
 
 
 def _mondeq(model: torch.nn.Module) -> MonDEQClassifier:
@@ -106,6 +110,7 @@ def conv_model_row(
     *,
     reference: ConvReference | None,
     x_displacement: torch.Tensor,
+    max_iter: int = 500,
 ) -> dict[str, Any]:
     """Certificate (exact per frequency), bit-flip budget, accuracy and displacement of a quantized model.
 
@@ -121,8 +126,8 @@ def conv_model_row(
     row.update(_accuracy(model, x, y))
     t0 = time.perf_counter()
     if reference is None:
-        reference = conv_float_reference(core, x_displacement)
-    d = conv_displacement(core, bits, per_channel, reference=reference, keep_samples=True)
+        reference = conv_float_reference(core, x_displacement, max_iter=max_iter)
+    d = conv_displacement(core, bits, per_channel, reference=reference, keep_samples=True, max_iter=max_iter)
     d["time_s"] = time.perf_counter() - t0
     row["displacement"] = d
     return row
@@ -215,6 +220,7 @@ def run_mondeq_conv_reproduction(
             seed=p.seed,
             device="cpu",
             batch_size=p.batch_size,
+            lr=p.lr,
             model_kwargs=kwargs,
         )
         res = train_run(cfg, dataset=data, out_dir=out / name)
@@ -242,14 +248,21 @@ def run_mondeq_conv_reproduction(
         prow = cache.get(name, fsha)
         if prow is None:
             if reference is None:
-                reference = conv_float_reference(fcore, x_disp)
+                reference = conv_float_reference(fcore, x_disp, max_iter=p.displacement_max_iter)
             spec = QuantSpec(bits, per_channel=p.per_channel)
             q = build_mondeq_conv(input_shape=shape, num_classes=ncls, spec=spec, **base)
             q.load_state_dict(fm.state_dict())
             prow = {
                 "method": "PTQ",
                 **conv_model_row(
-                    _mondeq(q.eval()), bits, p.per_channel, x, y, reference=reference, x_displacement=x_disp
+                    _mondeq(q.eval()),
+                    bits,
+                    p.per_channel,
+                    x,
+                    y,
+                    reference=reference,
+                    x_displacement=x_disp,
+                    max_iter=p.displacement_max_iter,
                 ),
             }
             cache.put(name, fsha, prow)
@@ -262,7 +275,7 @@ def run_mondeq_conv_reproduction(
         )
 
     # 3. certified QAT
-    qkw = {**{k: v for k, v in base.items() if k != "m"}, "certify": True}
+    qkw = {**base, "m": p.qat_m, "certify": True}
     for bits in p.qat_bits:
         name = f"certified-qat-{bits}bit"
         qm, qsha, qtime = train(name, bits, qkw, p.qat_epochs)
@@ -272,7 +285,16 @@ def run_mondeq_conv_reproduction(
                 "method": "certified QAT",
                 "m": float(qm.core.m.detach()),
                 "train_time_s": qtime,
-                **conv_model_row(qm, bits, p.per_channel, x, y, reference=None, x_displacement=x_disp),
+                **conv_model_row(
+                    qm,
+                    bits,
+                    p.per_channel,
+                    x,
+                    y,
+                    reference=None,
+                    x_displacement=x_disp,
+                    max_iter=p.displacement_max_iter,
+                ),
             }
             cache.put(name, qsha, qrow)
         summary["qat"].append(qrow)

@@ -187,9 +187,16 @@ def mondeq_conv_markdown(s: dict[str, Any]) -> str:
             f"{r['margin_quantized']:.4f} | {_yn(r['certified'])} | {_yn(r['monotone'])} | "
             f"{_f(r.get('max_certified_bit_flips'), 'd')} | {100 * r['accuracy']:.1f} | "
             f"{r['nonconverged_samples']} | {r['solver_iterations']:.0f} | "
-            f"{_f(d.get('ratio_full'), '.3f')} | "
+            f"{_f(d.get('ratio_full'), '.3f')}{'' if d.get('solver_converged', True) else ' †'} | "
             f"{_f(d.get('share_full'), '.1%')} |"
         )
+    if any(not (r.get("displacement") or {}).get("solver_converged", True) for r in rows):
+        lines += [
+            "",
+            "† a displacement solve of this network hit its iteration cap (a non-monotone W~ has no "
+            "convergence guarantee): the check is then made at the last iterate, without a rigorous "
+            "solver allowance.",
+        ]
     qat = [r for r in s["qat"] if "train_time_s" in r]
     if qat:
         lines += [
