@@ -71,7 +71,7 @@ class ConvPreset:
 
 
 CONV_PRESETS = {"conv": ConvPreset(epochs=4, qat_epochs=4)}
-"""``conv``: about 9 minutes on one (shared) CPU core, measured; see docs/results/mondeq_conv.md."""
+"""``conv``: 8.4 minutes measured on one (shared) CPU core, 1 thread; see docs/results/mondeq_conv.md."""
 
 
 def _mondeq(model: torch.nn.Module) -> MonDEQClassifier:
