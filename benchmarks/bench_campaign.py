@@ -9,6 +9,7 @@ after every pattern) to show the cost of resumability.
 
     python benchmarks/bench_campaign.py            # full
     python benchmarks/bench_campaign.py --quick    # smaller test sets, fewer repetitions
+    python benchmarks/bench_campaign.py --device cuda   # on a GPU (benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=16, help="patterns R per campaign")
     ap.add_argument("--ber", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (benchmarks/gpu_check.sh)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 3)
@@ -84,9 +86,11 @@ def main() -> None:
         f"CNN 2 conv + BN + fc, 28x28, 8 bit, N={n // 5}": lambda: _cnn(n // 5),
     }
     per_pass = [1, 4, 16]
+    gpu = f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; BER {args.ber:g}, R = {args.repeats} patterns, "
+        f"{torch.get_num_threads()} threads, device {args.device}{gpu}; "
+        f"BER {args.ber:g}, R = {args.repeats} patterns, "
         f"min over {reps} repetitions"
     )
     print()
@@ -102,7 +106,7 @@ def main() -> None:
         bits = 4 if "4 bit" in name else 8
         quantize_model(model, QuantSpec(bits))
         model.eval()
-        kw = dict(bers=[args.ber], repeats=args.repeats, base_seed=0, batch_size=1024)
+        kw = dict(bers=[args.ber], repeats=args.repeats, base_seed=0, batch_size=1024, device=args.device)
         best: dict[str, float] = {}
         results: dict[str, dict] = {}
         with tempfile.TemporaryDirectory() as tmp:
