@@ -12,6 +12,17 @@ from qmargin.experiments.mcel import METHODS, Preset, run_mcel_reproduction
 from qmargin.experiments.mondeq import MonDEQPreset, run_mondeq_reproduction
 
 
+def _recorder() -> tuple[list[tuple[int, int, str]], object]:
+    calls: list[tuple[int, int, str]] = []
+    return calls, lambda done, total, label: calls.append((done, total, label))
+
+
+def _assert_steps(calls: list[tuple[int, int, str]], labels: list[str]) -> None:
+    """A reproduction's progress: (0, T, "") at the start, then each step once, in order, up to T of T."""
+    total = len(labels)
+    assert calls == [(0, total, ""), *[(i + 1, total, lab) for i, lab in enumerate(labels)]]
+
+
 def test_demo_fast(tmp_path):
     out = run_demo(epochs=2, bers=(0.0, 0.01, 0.2), repeats=2, out_dir=tmp_path, mondeq_epochs=1)
     labels = [label for label, _ in out["campaigns"]]
@@ -32,9 +43,12 @@ def test_demo_fast(tmp_path):
 
 def test_mcel_reproduction_fast(tmp_path):
     preset = Preset("digits", "mlp", epochs=1, bits=(4,), repeats=2, bers=(0.0, 0.01), methods=METHODS)
+    calls, progress = _recorder()
     res = run_mcel_reproduction(
-        preset="test", preset_override=preset, out_dir=tmp_path / "out", results_dir=tmp_path / "results"
+        preset="test", preset_override=preset, out_dir=tmp_path / "out", results_dir=tmp_path / "results",
+        progress=progress,
     )
+    _assert_steps(calls, [f"{m.name} 4-bit" for m in METHODS])
     rows = res["summary"]["rows"]
     assert [r["method"] for r in rows] == [m.name for m in METHODS]
     by = {r["method"]: r for r in rows}
@@ -54,6 +68,7 @@ def test_mcel_reproduction_fast(tmp_path):
 
 def test_mcel_ablation_fast_and_selection_rule(tmp_path):
     grid = [AblationPoint("ce"), AblationPoint("mcel", 10.0, 3.0), AblationPoint("mcel", None, 3.0, 4.0)]
+    calls, progress = _recorder()
     res = run_mcel_ablation(
         out_dir=tmp_path,
         grid=grid,
@@ -64,6 +79,10 @@ def test_mcel_ablation_fast_and_selection_rule(tmp_path):
         repeats=2,
         dataset="digits",
         results_dir=tmp_path / "results",
+        progress=progress,
+    )
+    _assert_steps(
+        calls, ["CE 2-bit seed 0", "MCEL T=10, M=3 2-bit seed 0", "MCEL T=inf, M=3, s=4 2-bit seed 0"]
     )
     assert {r["label"] for r in res["rows"]} == {"CE", "MCEL T=10, M=3", "MCEL T=inf, M=3, s=4"}
     assert (tmp_path / "results" / "mcel_ablation.md").read_text().startswith("MCEL ablation")
@@ -88,12 +107,20 @@ def test_mondeq_reproduction_fast(tmp_path):
         qat_bits=(3,),
         model_kwargs={"n": 32, "r": 8, "m": 0.2, "learn_m": True, "solver": "pr"},
     )
+    calls, progress = _recorder()
     res = run_mondeq_reproduction(
         preset="test",
         preset_override=preset,
         out_dir=tmp_path / "out",
         results_dir=tmp_path / "results",
         dataset="digits",
+        progress=progress,
+    )
+    _assert_steps(
+        calls,
+        ["float seed 0", "PTQ 4-bit", "PTQ 12-bit", "PTQ 4-bit", "PTQ 12-bit", "displacement 8-bit",
+         "displacement W 8, U/b 4-bit", "QAT 3-bit seed 0", "QAT per-row 3-bit seed 0",
+         "certified QAT 3-bit seed 0"],
     )
     s = res["summary"]
     assert [(r["bits"], r["per_channel"]) for r in s["ptq"]] == [
@@ -144,5 +171,7 @@ def test_mondeq_conv_preset_tiny(tmp_path):
     # resumable: a rerun trains nothing and reuses every analysis step (keyed by the weights' hash)
     cached = sorted(p.name for p in (tmp_path / "out" / "analysis").iterdir())
     assert cached == ["certified-qat-4bit.json", "float.json", "ptq-3bit.json", "ptq-8bit.json"]
-    again = run_mondeq_reproduction(**kwargs)["summary"]
+    calls, progress = _recorder()
+    again = run_mondeq_reproduction(**kwargs, progress=progress)["summary"]
+    _assert_steps(calls, ["float", "PTQ 3-bit", "PTQ 8-bit", "certified QAT 4-bit"])
     assert again["ptq"] == s["ptq"] and again["qat"] == s["qat"] and again["float"] == s["float"]

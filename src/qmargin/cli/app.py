@@ -808,6 +808,16 @@ class _CampaignProgress(_RichProgress):
         self._progress.update(self._task, completed=p.done, info=f"BER {p.ber:g}: {p.accuracy:.3f}")
 
 
+class _StepsProgress(_RichProgress):
+    """Fed by a reproduction's ``progress(done, total, label)`` (:mod:`qmargin.experiments.progress`)."""
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        assert self._progress is not None
+        if self._task is None:
+            self._task = self._progress.add_task("steps", total=total, completed=done, info="")
+        self._progress.update(self._task, completed=done, info=f"done: {label}" if label else "")
+
+
 # -- compare ------------------------------------------------------------------------------------
 
 
@@ -1071,9 +1081,10 @@ def reproduce_mcel(
 
     report_path = check_output(html or out / "report.html", what="HTML report (--html)")
     log = _logger(quiet)
-    result = run_mcel_reproduction(
-        preset=preset, out_dir=out, data_dir=data_dir, log=log, results_dir=results_dir
-    )
+    with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
+        result = run_mcel_reproduction(
+            preset=preset, out_dir=out, data_dir=data_dir, log=log, results_dir=results_dir, progress=progress
+        )
     print(result["markdown"])
     _write_report(report_path, [out], title=f"qmargin reproduce mcel --preset {preset}")
     console.print(f"results: {out}; report: {report_path}")
@@ -1099,9 +1110,11 @@ def reproduce_mcel_ablation(
     from qmargin.experiments.ablation import run_mcel_ablation  # lazy: torch
 
     log = _logger(quiet)
-    result = run_mcel_ablation(
-        out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log
-    )
+    with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
+        result = run_mcel_ablation(
+            out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log,
+            progress=progress,
+        )
     print(result["markdown"])
 
 
@@ -1135,7 +1148,10 @@ def reproduce_mondeq(
         out = Path("runs/reproduce-mondeq-conv" if preset == "conv" else "runs/reproduce-mondeq")
     report_path = check_output(html or out / "report.html", what="HTML report (--html)")
     log = _logger(quiet)
-    result = run_mondeq_reproduction(preset=preset, out_dir=out, log=log, results_dir=results_dir)
+    with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
+        result = run_mondeq_reproduction(
+            preset=preset, out_dir=out, log=log, results_dir=results_dir, progress=progress
+        )
     print(result["markdown"])
     _write_report(report_path, [out], title=f"qmargin reproduce mondeq --preset {preset}")
     console.print(f"results: {out}; report: {report_path}")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from qmargin.experiments.evaluate import error_model_for
+from qmargin.experiments.progress import StepProgress, Steps
 from qmargin.experiments.runs import TrainConfig, load_dataset, train_and_stress
 from qmargin.files import holds_lock, write_text_atomic
 from qmargin.report import ablation_markdown
@@ -85,6 +86,7 @@ def run_mcel_ablation(
     clean_tolerance: float = 0.01,
     results_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    progress: StepProgress | None = None,
 ) -> dict[str, Any]:
     """Train and stress every grid point; return ``{"rows", "selected", "markdown"}`` (resumable)."""
     grid = list(grid) if grid is not None else default_grid()
@@ -93,6 +95,7 @@ def run_mcel_ablation(
     template = error_model_for()
     grid_bers = [0.0, *[b for b in bers if b != 0.0]]
     rows: list[dict[str, Any]] = []
+    steps = Steps(len(grid) * len(bits) * len(seeds), progress)
     for point in grid:
         for b in bits:
             per_seed = []
@@ -110,6 +113,7 @@ def run_mcel_ablation(
                 camp = train_and_stress(
                     cfg, data, run_dir, bers=grid_bers, repeats=repeats, error_model=template
                 ).campaign
+                steps.done(f"{point.label} {b}-bit seed {seed}")
                 per_seed.append(
                     {r["ber"]: r["mean"] for r in camp["results"]} | {"clean": camp["clean_accuracy"]}
                 )

@@ -25,6 +25,7 @@ from typing import Any
 
 from qmargin.errors import ConfigError
 from qmargin.experiments.evaluate import error_model_for
+from qmargin.experiments.progress import StepProgress, Steps
 from qmargin.experiments.runs import (
     PATTERN_BASE_SEED,
     TrainConfig,
@@ -104,6 +105,7 @@ def run_mcel_reproduction(
     results_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda msg: None,
     preset_override: Preset | None = None,
+    progress: StepProgress | None = None,
 ) -> dict[str, Any]:
     """Train every method at every bit width of ``preset``, run the paired campaigns, write results.
 
@@ -113,7 +115,9 @@ def run_mcel_reproduction(
     """
     if preset == "full" and preset_override is None:
         parts = [
-            run_mcel_reproduction(preset=p, out_dir=Path(out_dir) / p, data_dir=data_dir, log=log)
+            run_mcel_reproduction(
+                preset=p, out_dir=Path(out_dir) / p, data_dir=data_dir, log=log, progress=progress
+            )
             for p in ("fashion", "cifar10")
         ]
         return {
@@ -128,6 +132,7 @@ def run_mcel_reproduction(
     data = load_dataset(p.dataset, data_dir=data_dir)
     template = error_model_for()
     rows: list[dict[str, Any]] = []
+    steps = Steps(len(p.bits) * len(p.methods), progress)
     for bits in p.bits:
         labelled: list[tuple[str, dict[str, Any]]] = []
         for method in p.methods:
@@ -161,6 +166,7 @@ def run_mcel_reproduction(
                 cfg, data, run_dir, bers=p.bers, repeats=p.repeats, error_model=template, on_trained=trained
             )
             result, campaign = stressed.result, stressed.campaign
+            steps.done(f"{method.name} {bits}-bit")
             labelled.append((method.name, campaign))
             rows.append(
                 {

@@ -36,6 +36,7 @@ from qmargin.deq import (
 from qmargin.deq.operators import DenseOperator
 from qmargin.errors import ConfigError
 from qmargin.experiments.mondeq_conv import CONV_PRESETS, ConvPreset, run_mondeq_conv_reproduction
+from qmargin.experiments.progress import StepProgress, Steps
 from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
 from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.models.mondeq import build_mondeq
@@ -179,6 +180,7 @@ def run_mondeq_reproduction(
     log: Callable[[str], None] = lambda msg: None,
     preset_override: MonDEQPreset | ConvPreset | None = None,
     dataset: str = "mnist5k",
+    progress: StepProgress | None = None,
 ) -> dict[str, Any]:
     """Run the MonDEQ experiment; returns ``{"summary": ..., "markdown": ...}`` (resumable runs).
 
@@ -191,7 +193,7 @@ def run_mondeq_reproduction(
         conv = preset_override if isinstance(preset_override, ConvPreset) else None
         return run_mondeq_conv_reproduction(
             preset=preset, out_dir=out_dir, results_dir=results_dir, log=log, preset_override=conv,
-            dataset=dataset,
+            dataset=dataset, progress=progress,
         )
     p = preset_override if isinstance(preset_override, MonDEQPreset) else FC_PRESETS[preset]
     out = Path(out_dir)
@@ -210,6 +212,12 @@ def run_mondeq_reproduction(
         "qat": [],
     }
     floats = {}
+    cases = [(f"{b}", b, b) for b in p.displacement_bits] + [
+        (f"W {max(p.displacement_bits)}, U/b 4", max(p.displacement_bits), 4)
+    ]
+    steps = Steps(
+        len(p.seeds) + 2 * len(p.ptq_bits) + len(cases) + 3 * len(p.qat_bits) * len(p.seeds), progress
+    )
     for seed in p.seeds:
         cfg = TrainConfig(
             dataset=dataset,
@@ -238,6 +246,7 @@ def run_mondeq_reproduction(
             f"float MonDEQ seed {seed}: accuracy {res.test_acc:.4f}, m {float(fm.core.m.detach()):.3f}, "
             f"mu {mu:.3f}"
         )
+        steps.done(f"float seed {seed}")
     fm = floats[p.seeds[0]]
     kwargs = dict(base)
     for pc in (False, True):
@@ -250,11 +259,9 @@ def run_mondeq_reproduction(
                 f"mu {row['margin']:.3f} mu~ {row['margin_quantized']:.3f} certified {row['certified']} "
                 f"acc {row['accuracy']:.4f}"
             )
+            steps.done(f"PTQ {bits}-bit")
     # W, U, b at the same bits; then W fine and U, b coarse (a mixed-precision deployment), where the
     # paper's dW-only form has nothing to account for the input-side error.
-    cases = [(f"{b}", b, b) for b in p.displacement_bits] + [
-        (f"W {max(p.displacement_bits)}, U/b 4", max(p.displacement_bits), 4)
-    ]
     for label, w_bits, ub_bits in cases:
         q = _quantized_copy(fm, QuantSpec(w_bits), shape, ncls, kwargs)
         q.core.unfreeze()
@@ -266,6 +273,7 @@ def run_mondeq_reproduction(
             f"displacement {label}-bit: full {d['share_full']:.3f} norm {d['share_norm_form']:.3f} "
             f"paper {d['share_paper']:.3f}"
         )
+        steps.done(f"displacement {label}-bit")
     recipes = [
         ("QAT", False, {**base}),
         ("QAT per-row", True, {**base}),
@@ -302,6 +310,7 @@ def run_mondeq_reproduction(
                     f"{name} {bits}-bit seed {seed}: acc {row['accuracy']:.4f} certified {row['certified']} "
                     f"|dW| {row['delta_w_norm']:.3f} mu {row['margin']:.3f} m {row['m']:.3f}"
                 )
+                steps.done(f"{name} {bits}-bit seed {seed}")
     md = mondeq_markdown(summary)
     plot_mondeq_margin_vs_bits(summary, out / "mondeq_margin_vs_bits.png")
     plot_mondeq_displacement(summary, out / "mondeq_displacement.png")

@@ -37,6 +37,7 @@ from qmargin.experiments.certify import (
     conv_displacement,
     conv_float_reference,
 )
+from qmargin.experiments.progress import StepProgress, Steps
 from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
 from qmargin.files import copy_file_atomic, write_text_atomic
 from qmargin.models.mondeq import build_mondeq_conv
@@ -177,6 +178,7 @@ def run_mondeq_conv_reproduction(
     log: Callable[[str], None] = lambda msg: None,
     preset_override: ConvPreset | None = None,
     dataset: str = "mnist5k",
+    progress: StepProgress | None = None,
 ) -> dict[str, Any]:
     """Run the conv experiment (module doc); returns ``{"summary": ..., "markdown": ...}``.
 
@@ -186,6 +188,7 @@ def run_mondeq_conv_reproduction(
         raise ConfigError(f"unknown conv preset {preset!r}; choose one of {', '.join(CONV_PRESETS)}")
     p = preset_override or CONV_PRESETS[preset]
     t_start = time.perf_counter()
+    steps = Steps(1 + len(p.ptq_bits) + len(p.qat_bits), progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = _Cache(out / "analysis")
@@ -240,6 +243,7 @@ def run_mondeq_conv_reproduction(
         f"float conv MonDEQ: accuracy {row['accuracy']:.4f}, m {row['m']:.3f}, mu {row['mu']:.3f}, "
         f"L {row['L']:.3f}"
     )
+    steps.done("float")
 
     # 2. PTQ sweep (one float reference solve shared by every bit width)
     reference: ConvReference | None = None
@@ -273,6 +277,7 @@ def run_mondeq_conv_reproduction(
             f"mu~ {prow['margin_quantized']:.4f} certified {prow['certified']} acc {prow['accuracy']:.4f} "
             f"max dist/bound {d['ratio_full']:.3f}"
         )
+        steps.done(f"PTQ {bits}-bit")
 
     # 3. certified QAT
     qkw = {**base, "m": p.qat_m, "certify": True}
@@ -302,6 +307,7 @@ def run_mondeq_conv_reproduction(
             f"certified QAT {bits}-bit: acc {qrow['accuracy']:.4f} certified {qrow['certified']} "
             f"|dW| {qrow['delta_w_norm']:.4f} mu {qrow['margin']:.4f} m {qrow['m']:.3f}"
         )
+        steps.done(f"certified QAT {bits}-bit")
     summary["wall_time_s"] = time.perf_counter() - t_start
     md = mondeq_conv_markdown(summary)
     plot_mondeq_conv_certificates(summary, out / "mondeq_conv_certificates.png")
