@@ -192,6 +192,43 @@ def _ci(mean: float, std: float, n: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _seed_map(res: Mapping[str, Any], e: Mapping[str, Any]) -> dict[int, float]:
+    values = e.get("accuracies", e.get("values")) or []
+    pats = e.get("patterns", list(range(len(values))))
+    return {res["seeds"][r]: v for r, v in zip(pats, values, strict=True)}
+
+
+def _check_paired(mine: list[Mapping[str, Any]], labels: list[str], campaigns: Mapping[str, Any]) -> int:
+    """The paired-difference spans: every later model against the first, per BER with shared seeds,
+    recomputed here with numpy and scipy (paired t)."""
+    diffs = [a for a in mine if a["stat"].startswith("diff_")]
+    want: dict[tuple[str, str, str], float] = {}
+    ref = campaigns[labels[0]]
+    ref_entries = {e["ber"]: e for e in ref["results"]}
+    for label in labels[1:]:
+        res = campaigns[label]
+        for e in res["results"]:
+            if e["ber"] not in ref_entries:
+                continue
+            a, b = _seed_map(ref, ref_entries[e["ber"]]), _seed_map(res, e)
+            shared = sorted(set(a) & set(b))
+            if not shared:
+                continue
+            d = np.array([b[s] - a[s] for s in shared])
+            key = (label, json.dumps(e["ber"]))
+            want[(*key, "diff_mean")] = float(d.mean())
+            want[(*key, "diff_n")] = len(d)
+            if len(d) > 1:
+                scale = d.std(ddof=1) / math.sqrt(len(d))
+                lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scale)
+                want[(*key, "diff_ci_low")], want[(*key, "diff_ci_high")] = float(lo), float(hi)
+    got = {(a["model"], a["ber"], a["stat"]): json.loads(a["value"]) for a in diffs}
+    assert set(got) == set(want), (sorted(set(got) ^ set(want)))[:5]
+    for k, v in want.items():
+        assert math.isclose(got[k], v, rel_tol=1e-9, abs_tol=1e-12), (k, got[k], v)
+    return len(want)
+
+
 def check_values(spans: Iterable[Mapping[str, Any]], inputs: Mapping[str, Any]) -> int:
     """Every number of the page equals the result files; every model x BER x statistic is there.
     Returns the number of values checked."""
@@ -211,7 +248,13 @@ def check_values(spans: Iterable[Mapping[str, Any]], inputs: Mapping[str, Any]) 
             assert got == [clean], (label, got)
             checked += 1
             for e in res["results"]:
-                at = [a for a in mine if a["model"] == label and a.get("ber") == json.dumps(e["ber"])]
+                at = [
+                    a
+                    for a in mine
+                    if a["model"] == label
+                    and a.get("ber") == json.dumps(e["ber"])
+                    and not a["stat"].startswith("diff_")
+                ]
                 values = e.get("accuracies", e.get("values"))
                 if not values:
                     assert not at, (label, e["ber"])
@@ -233,6 +276,7 @@ def check_values(spans: Iterable[Mapping[str, Any]], inputs: Mapping[str, Any]) 
                     else:
                         assert got == want[key] and got == e.get(key, n), (label, a)  # exact: the JSON value
                     checked += 1
+        checked += _check_paired(mine, labels, inputs["campaigns"])
     cert = inputs.get("certificate")
     if cert is not None:
         cells = [s["attrs"] for s in spans if s["attrs"].get("table") == "certificate"]

@@ -18,7 +18,7 @@ from scipy import stats
 from qmargin.cli import main
 from qmargin.report.html import report_html
 from qmargin.report.provenance import cpu_model, machine_description, provenance
-from qmargin.report.stats import mean_confidence_interval, student_t_cdf, student_t_quantile
+from qmargin.stats import mean_confidence_interval, student_t_cdf, student_t_quantile
 from report_helpers import HOSTILE, RESULTS, campaign, check_values, collect_spans, write_inputs, write_json
 
 
@@ -267,10 +267,14 @@ def test_compare_writes_an_html_report_beside_its_plot(inputs, tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     run, mcel = inputs["paths"][0], inputs["paths"][1].parent
     assert run_main(["compare", str(run), str(mcel)]) == 0
-    assert "wrote compare.png, compare.html" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote compare.png, compare.html" in printed
+    assert "paired differences against ce4" in printed and "mcel4 - ce4" in printed
     page = (tmp_path / "compare.html").read_text()
     assert_loads_nothing(page)
     check_values(collect_spans(page), {**inputs, "groups": [["ce4", "mcel4"]], "certificate": None})
+    diffs = [s["attrs"] for s in collect_spans(page) if s["attrs"].get("stat") == "diff_mean"]
+    assert diffs and {a["model"] for a in diffs} == {"mcel4"}  # the paired table is there, not vacuous
     assert run_main(["compare", str(run), str(mcel), "--out", "p.png", "--html", "sub/c.html"]) == 0
     assert (tmp_path / "sub" / "c.html").is_file() and not (tmp_path / "p.html").exists()
     assert "would be the same file" in _error_line(

@@ -521,6 +521,21 @@ def evaluate(
             help="Only shard I of N (1-based; every N-th cell) into --out; combine with 'qmargin merge'.",
         ),
     ] = None,
+    ci_halfwidth: Annotated[
+        float | None,
+        typer.Option(
+            click_type=opt.Real(0.0, None, lo_open=True),
+            help="Stop adding patterns at a BER once the 95%% CI of the mean is at most H wide on each "
+            "side (percentage points for accuracies, else the metric's units); --repeats is the cap.",
+        ),
+    ] = None,
+    min_patterns: Annotated[
+        int | None,
+        typer.Option(
+            click_type=opt.Integer(2, opt.MAX_REPEATS),
+            help="--ci-halfwidth: patterns per BER before the rule may stop it (default 5).",
+        ),
+    ] = None,
 ) -> None:
     """Accuracy under random bit errors: BER grid x seeded patterns (resumable).
 
@@ -535,7 +550,11 @@ def evaluate(
         "workers": workers,
         "ray_address": ray_address,
         "shard": None if shard is None else (int(shard[0]), int(shard[1])),
+        "ci_halfwidth": ci_halfwidth,
+        **({} if min_patterns is None else {"min_patterns": min_patterns}),
     }
+    if min_patterns is not None and ci_halfwidth is None:
+        raise ConfigError("--min-patterns is for --ci-halfwidth")
     layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip())
     external = {
         "--model-arg": bool(model_arg),
@@ -841,7 +860,12 @@ def compare(
 ) -> None:
     """Side-by-side table, one plot and an HTML report of several campaigns."""
     from qmargin.experiments.campaign import check_result_weights, load_campaign  # lazy: torch
-    from qmargin.report import compare_table, format_markdown_table, plot_accuracy_vs_ber  # lazy: matplotlib
+    from qmargin.report import (  # lazy: matplotlib
+        compare_table,
+        format_markdown_table,
+        paired_table,
+        plot_accuracy_vs_ber,
+    )
 
     names = [s.strip() for s in labels.split(",")] if labels else None
     if names is not None and len(names) != len(items):
@@ -865,6 +889,11 @@ def compare(
         print(format_markdown_table(results, compare=True))
     else:
         console.print(compare_table(results, title="accuracy under random bit errors"))
+        paired = paired_table(
+            results, title=f"paired differences against {results[0][0]} over shared pattern seeds"
+        )
+        if paired is not None:
+            console.print(paired)
     plot_accuracy_vs_ber(results, out, title="accuracy vs bit error rate")
     _write_report(html, paths, labels=[label for label, _ in results], title="qmargin compare")
     console.print(f"wrote {out}, {html}")

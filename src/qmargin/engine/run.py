@@ -30,6 +30,7 @@ from qmargin.engine.cells import evaluate_pass, prepared, reports_convergence
 from qmargin.engine.evaluation import Evaluation, hash_tensor
 from qmargin.engine.executors import CellJob, Executor, make_executor
 from qmargin.engine.grid import Grid, check_positive_int
+from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS, StoppingRule
 from qmargin.engine.store import (
     CampaignState,
     campaign_csv_path,
@@ -131,6 +132,8 @@ def run_campaign(
     ray_address: str | None = None,
     shard: tuple[int, int] | None = None,
     executor: Executor | None = None,
+    ci_halfwidth: float | None = None,
+    min_patterns: int = DEFAULT_MIN_PATTERNS,
 ) -> dict[str, Any]:
     """A campaign of ``model`` on ``evaluation`` over the grid ``bers`` x ``repeats`` patterns.
 
@@ -167,6 +170,13 @@ def run_campaign(
             and is combined with the others by :func:`~qmargin.engine.store.merge_results`.
         executor: evaluate the cells with this :class:`~qmargin.engine.executors.Executor` (started
             here and closed at the end) instead of the one ``workers`` / ``ray_address`` choose.
+        ci_halfwidth: sequential stopping (:mod:`qmargin.engine.stopping`): at each BER add patterns
+            (``base_seed + r``, ``r = 0, 1, ...``) until the 95% confidence interval of the mean has
+            at most this half-width, in the metric's units (a fraction for the accuracies: 0.005 =
+            half a percentage point); ``repeats`` is the cap. Patterns are added in rounds of
+            ``patterns_per_pass`` per BER (the cells of a round go to the executor together). The
+            result is the same on any executor and after a resume. Not with ``shard``.
+        min_patterns: the minimum number of patterns per BER before the rule may stop it (>= 2).
 
     Returns the result dict (the JSON content, :mod:`qmargin.engine.store`).
     """
@@ -179,6 +189,12 @@ def run_campaign(
     grid = Grid.make(bers, repeats, base_seed)
     check_positive_int("patterns_per_pass", patterns_per_pass)
     shard = _check_shard(shard, grid.size)
+    if ci_halfwidth is not None:
+        StoppingRule(ci_halfwidth, min_patterns)  # one-line ConfigError before any work
+        if shard is not None:
+            raise ConfigError(
+                "--ci-halfwidth needs every pattern of a BER in one run: it cannot be combined with --shard"
+            )
     if executor is None:
         executor = make_executor(workers=workers, ray_address=ray_address)
     template = BitErrorModel(ber=0.0) if error_model is None else error_model
@@ -221,6 +237,8 @@ def run_campaign(
         }
         if weights is not None:
             settings["weights"] = dict(weights)
+        if ci_halfwidth is not None:
+            settings["stopping"] = StoppingRule(ci_halfwidth, min_patterns, per_pass).to_dict()
         path = Path(out_path) if out_path is not None else None
         old = _stored(path, overwrite)
         pending = ([] if known else ["fingerprint.data_sha256"]) + ([] if n_known else ["evaluation.n_test"])
@@ -267,22 +285,26 @@ def run_campaign(
             state.write(path, elapsed())
 
         n_test = settings["evaluation"]["n_test"]
-        total = state.total
         done = state.done
-        cells = [grid.cell(k, r) for k, r in state.pending()]  # BER-major: a sequential run's order
-        if cells and not started:
-            executor.start(job)
-        for outcome in executor.map(cells) if cells else ():
-            if outcome.result.n != n_test:
-                raise DataError(f"the data changed between passes: {n_test} samples, then {outcome.result.n}")
-            state.record(outcome)
-            done += 1
-            if path is not None:
-                state.write(path, elapsed())  # as outcomes arrive: a rerun resumes from here
-            if progress is not None:
-                c = outcome.cell
-                assert c is not None
-                progress(CampaignProgress(done, total, c.ber, c.pattern, c.seed, outcome.value))
+        # Rounds: without a stopping rule one round holds every pending cell; with one, each round
+        # holds the cells up to the next checkpoint of every BER still running (store.CampaignState).
+        while cells := [grid.cell(k, r) for k, r in state.pending()]:  # BER-major: a sequential order
+            if not started:
+                executor.start(job)
+                started = True
+            for outcome in executor.map(cells):
+                if outcome.result.n != n_test:
+                    raise DataError(
+                        f"the data changed between passes: {n_test} samples, then {outcome.result.n}"
+                    )
+                state.record(outcome)
+                done += 1
+                if path is not None:
+                    state.write(path, elapsed())  # as outcomes arrive: a rerun resumes from here
+                if progress is not None:
+                    c = outcome.cell
+                    assert c is not None
+                    progress(CampaignProgress(done, state.total, c.ber, c.pattern, c.seed, outcome.value))
         result = state.result(elapsed())
         if path is not None:
             write_text_atomic(path, dumps(result))
@@ -355,6 +377,8 @@ def stress(
     workers: int | None = None,
     ray_address: str | None = None,
     shard: tuple[int, int] | None = None,
+    ci_halfwidth: float | None = None,
+    min_patterns: int = DEFAULT_MIN_PATTERNS,
 ) -> dict[str, Any]:
     """Stress-test a quantized ``model`` under random bit errors: the one call for the common case.
 
@@ -365,7 +389,9 @@ def stress(
     seeded ``base_seed + r`` at every BER. ``out``: a JSON file to write and resume. ``identity``
     names the data instead of hashing it. ``workers=N``: the cells on ``N`` local Ray workers
     (``pip install 'qmargin[ray]'``; the data must be picklable), ``ray_address``: on a cluster,
-    ``shard=(I, N)``: one shard. Everything else as :func:`run_campaign`.
+    ``shard=(I, N)``: one shard. ``ci_halfwidth=h``: at each BER stop adding patterns once the 95%
+    confidence interval of the mean is at most ``h`` wide on each side (metric units: 0.005 = half a
+    point of accuracy), ``repeats`` the cap. Everything else as :func:`run_campaign`.
 
     Returns the result dict: ``clean_accuracy`` and per BER ``accuracies`` (top-1) or
     ``clean_value`` / ``values`` (other metrics) with ``mean``/``std``/``min``/``max``, the
@@ -388,4 +414,6 @@ def stress(
         workers=workers,
         ray_address=ray_address,
         shard=shard,
+        ci_halfwidth=ci_halfwidth,
+        min_patterns=min_patterns,
     )

@@ -34,12 +34,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qmargin.engine.cells import CellOutcome, PassResult
 from qmargin.engine.grid import MAX_REPEATS, MAX_SEED, Grid
+from qmargin.engine.stopping import StoppingRule
 from qmargin.errors import CheckpointError, ConfigError
 from qmargin.files import write_text_atomic
+from qmargin.stats import summarize_accuracies
 from qmargin.training.validation import invalid, req_dict, req_float, req_int, req_list
 
 __all__ = [
@@ -64,7 +64,8 @@ __all__ = [
     "shard_label",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""3: optional ``stopping`` (sequential stopping, :mod:`qmargin.engine.stopping`); 2: ``metric``."""
 
 #: Keys of a campaign result that must match for a rerun to resume an existing file.
 SETTINGS_KEYS = (
@@ -78,7 +79,9 @@ SETTINGS_KEYS = (
     "evaluation",
     "metric",
     "qmargin_version",
+    "stopping",
 )
+"""(``stopping`` only in results of campaigns with a stopping rule.)"""
 
 #: Settings only known after a pass over streamed data (compared once the clean pass has run).
 DATA_DERIVED = (
@@ -95,14 +98,6 @@ _SUMMARY_TOL = 1e-9
 def campaign_csv_path(out_path: str | Path) -> Path:
     """The CSV written beside a campaign JSON: same name with suffix ``.csv``."""
     return Path(out_path).with_suffix(".csv")
-
-
-def summarize_accuracies(accuracies: Sequence[float]) -> dict[str, float]:
-    """``mean``, population ``std`` (ddof 0), ``min``, ``max`` of per-pattern values."""
-    a = np.asarray(accuracies, dtype=np.float64)
-    if a.size == 0:
-        raise ValueError("no accuracies to summarize")
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
 
 
 def value_keys(metric: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -139,6 +134,9 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     if version == SCHEMA_VERSION:
         return data
     out = dict(data)
+    if version == 2:
+        out["schema_version"] = SCHEMA_VERSION
+        return out
     out.setdefault("metric", dict(TOP1))
     ev = dict(out.get("evaluation", {}))
     ev.setdefault("data_fingerprint", "sha256")
@@ -179,9 +177,9 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
     """
     req_dict(where, data, "campaign result")
     version = data.get("schema_version", 1)
-    if version not in (1, SCHEMA_VERSION):
+    if version not in (1, 2, SCHEMA_VERSION):
         raise invalid(
-            where, f"schema_version {version!r} is not one this qmargin reads (1, {SCHEMA_VERSION})"
+            where, f"schema_version {version!r} is not one this qmargin reads (1 to {SCHEMA_VERSION})"
         )
     status = data.get("status")
     if status not in ("partial", "complete"):
@@ -212,6 +210,7 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
     if "clean_failures" in data:
         req_int(where, data["clean_failures"], "clean_failures", lo=0, hi=n_test)
     shard = _valid_shard(where, data.get("shard"), len(grid) * repeats)
+    rule = _valid_stopping(where, data, shard)
     results = req_list(where, data.get("results"), "results", length=len(grid))
     for i, (ber, entry) in enumerate(zip(grid, results, strict=True)):
         name = f"results[{i}]"
@@ -221,10 +220,20 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         vals = req_list(where, entry.get(key), f"{name}.{key}")
         if len(vals) > repeats:
             raise invalid(where, f"{name} has {len(vals)} {key}, more than repeats ({repeats})")
-        if status == "complete" and shard is None and len(vals) != repeats:
+        if status == "complete" and shard is None and rule is None and len(vals) != repeats:
             raise invalid(where, f"{name} has {len(vals)} {key}; a complete result has {repeats}")
         values = [req_float(where, a, f"{name}.{key} entry", lo=lo, hi=hi) for a in vals]
-        _valid_patterns(where, entry, name, len(vals), repeats, i, shard, complete=status == "complete")
+        if rule is not None:
+            if "patterns" in entry:
+                raise invalid(where, f"{name}: a result with a stopping rule holds a prefix of patterns")
+            if status == "complete" and rule.stop_point(values, repeats) != len(values):
+                raise invalid(
+                    where, f"{name} has {len(values)} {key}; its stopping rule stops at "
+                    f"{rule.stop_point(values, repeats)}"
+                )
+        _valid_patterns(
+            where, entry, name, len(vals), repeats, i, shard, complete=status == "complete" and rule is None
+        )
         if counted and "failures" not in entry:
             raise invalid(where, f"evaluation.count_failures is set but {name}.failures is missing")
         if "failures" in entry:
@@ -248,6 +257,19 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         if "seconds" in timing:
             req_float(where, timing["seconds"], "timing.seconds", lo=0.0)
     return data
+
+
+def _valid_stopping(where: str | Path, data: Mapping[str, Any], shard: Any) -> StoppingRule | None:
+    """The stopping rule of a result (``None`` without one); never in a shard result."""
+    if "stopping" not in data:
+        return None
+    if shard is not None:
+        raise invalid(where, "a shard result cannot have a stopping rule")
+    req_dict(where, data["stopping"], "stopping")
+    try:
+        return StoppingRule.from_dict(data["stopping"])
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise invalid(where, f"stopping is not a valid stopping rule ({err})") from None
 
 
 def _valid_shard(where: str | Path, shard: Any, cells: int) -> tuple[int, int] | None:
@@ -365,6 +387,10 @@ class CampaignState:
         self.failures: list[dict[int, int]] = [{} for _ in grid.bers]
         self.prior_seconds = 0.0
         self._own = [shard_patterns(k, grid.repeats, shard) for k in range(len(grid.bers))]
+        stopping = settings.get("stopping")
+        self.rule = StoppingRule.from_dict(stopping) if stopping is not None else None
+        if self.rule is not None and shard is not None:
+            raise ConfigError("a campaign with a stopping rule (--ci-halfwidth) cannot be sharded")
 
     @property
     def count_failures(self) -> bool:
@@ -393,10 +419,20 @@ class CampaignState:
             r += 1
         return r
 
+    def stopped_at(self, k: int) -> int | None:
+        """With a stopping rule: the number of patterns BER ``k`` stopped at, ``None`` while it runs."""
+        assert self.rule is not None
+        n = self.prefix(k)
+        return self.rule.stop_point([self.values[k][r] for r in range(n)], self.grid.repeats)
+
     @property
     def total(self) -> int:
-        """Number of cells of this campaign (of its shard)."""
-        return sum(len(own) for own in self._own)
+        """Number of cells of this campaign (of its shard); with a stopping rule, an upper bound
+        (``repeats`` for every BER still running) that shrinks as BERs stop."""
+        if self.rule is None:
+            return sum(len(own) for own in self._own)
+        stops = [self.stopped_at(k) for k in range(len(self.grid.bers))]
+        return sum(self.grid.repeats if n is None else n for n in stops)
 
     @property
     def done(self) -> int:
@@ -404,8 +440,24 @@ class CampaignState:
         return sum(len(v) for v in self.values)
 
     def pending(self) -> list[tuple[int, int]]:
-        """``(k, r)`` of every cell (of the shard) not done, BER-major."""
-        return [(k, r) for k, own in enumerate(self._own) for r in own if r not in self.values[k]]
+        """``(k, r)`` of every cell (of the shard) not done, BER-major. With a stopping rule, only
+        the cells up to the next checkpoint of every BER that has not stopped (the next round): a
+        pure function of the values recorded, so any executor and any resume run the same rounds."""
+        if self.rule is None:
+            return [(k, r) for k, own in enumerate(self._own) for r in own if r not in self.values[k]]
+        out = []
+        for k in range(len(self.grid.bers)):
+            if self.stopped_at(k) is None:
+                target = self.rule.next_checkpoint(self.prefix(k), self.grid.repeats)
+                out += [(k, r) for r in range(target) if r not in self.values[k]]
+        return out
+
+    @property
+    def complete(self) -> bool:
+        """Every cell done, or with a stopping rule every BER stopped."""
+        if self.rule is None:
+            return self.done == self.total
+        return all(self.stopped_at(k) is not None for k in range(len(self.grid.bers)))
 
     def resume_from(self, old: dict[str, Any]) -> None:
         """Take the clean value, the per-pattern values and the timing of a stored result (upgraded)."""
@@ -437,19 +489,23 @@ class CampaignState:
                 row["failures"] = [self.failures[k][r] for r in pats]
             if self.shard is not None or pats != list(range(len(pats))):
                 row["patterns"] = pats
+            if self.rule is not None and vals:
+                hw = self.rule.halfwidth_of(vals)
+                row["ci_halfwidth"] = hw  # the half-width reached (None for one pattern)
+                row["ci_target_met"] = hw is not None and hw <= self.rule.halfwidth
             results.append(row)
         out: dict[str, Any] = {clean_key: self.clean_value}
         if self.clean_failures is not None and self.count_failures:
             out["clean_failures"] = self.clean_failures
         out["results"] = results
-        out.update({k: self.settings[k] for k in SETTINGS_KEYS})
+        out.update({k: self.settings[k] for k in SETTINGS_KEYS if k in self.settings})
         if "weights" in self.settings:
             out["weights"] = self.settings["weights"]
         if self.shard is not None:
             out["shard"] = {"index": self.shard[0], "count": self.shard[1]}
         out["schema_version"] = SCHEMA_VERSION
         done = self.done
-        out["status"] = "complete" if done == self.total else "partial"
+        out["status"] = "complete" if self.complete else "partial"
         out["timing"] = {"seconds": round(self.prior_seconds + seconds, 6), "patterns_done": done}
         for v in [self.clean_value, *(x for e in results for x in e[key])]:
             if not math.isfinite(v):
@@ -482,6 +538,9 @@ def merge_results(
     if not items:
         raise ConfigError("nothing to merge: give the shard results")
     results = [(name, upgrade(dict(r))) for name, r in items]
+    for name, stored in results:
+        if "stopping" in stored:
+            raise ConfigError(f"{name} ran with a stopping rule (--ci-halfwidth): it is not a shard to merge")
     name0, first = results[0]
     for name, other in results[1:]:
         diff = settings_diff(first, other)
@@ -497,7 +556,7 @@ def merge_results(
                     f"{name} and {name0} measured other clean values ({key} {first.get(key)} -> "
                     f"{other.get(key)}): the model or data differ"
                 )
-    settings = {k: first[k] for k in SETTINGS_KEYS}
+    settings = {k: first[k] for k in SETTINGS_KEYS if k in first}
     if "weights" in first:
         settings["weights"] = first["weights"]
     grid = Grid.make(first["bers"], first["repeats"], first["base_seed"])

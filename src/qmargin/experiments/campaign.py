@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.engine import CampaignProgress, Evaluation, run_campaign
+from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.engine.store import (
     SETTINGS_KEYS,
     campaign_csv_path,
@@ -92,6 +93,8 @@ def run_ber_campaign(
     workers: int | None = None,
     ray_address: str | None = None,
     shard: tuple[int, int] | None = None,
+    ci_halfwidth: float | None = None,
+    min_patterns: int = DEFAULT_MIN_PATTERNS,
 ) -> dict[str, Any]:
     """Accuracy (or ``metric``) of a quantized model under random bit errors on the test tensors
     ``x_test``, ``y_test`` (batches of ``batch_size`` on ``device``); every other argument as
@@ -115,6 +118,8 @@ def run_ber_campaign(
         workers=workers,
         ray_address=ray_address,
         shard=shard,
+        ci_halfwidth=ci_halfwidth,
+        min_patterns=min_patterns,
     )
 
 

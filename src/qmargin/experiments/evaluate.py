@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from qmargin.data import dataset_info, load_dataset
 from qmargin.data.specs import load_object
 from qmargin.engine.metrics import Metric, resolve_metric
+from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign, weights_record
 from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
@@ -28,6 +29,7 @@ __all__ = [
     "run_input_files",
     "DEFAULT_PTQ_BITS",
     "metric_from_spec",
+    "halfwidth_in_metric_units",
 ]
 
 DEFAULT_PTQ_BITS = 8
@@ -80,6 +82,15 @@ def run_input_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+def halfwidth_in_metric_units(halfwidth: float | None, metric: Metric) -> float | None:
+    """``--ci-halfwidth`` as the user writes it (percentage points for a metric whose values are
+    fractions, such as the accuracies: 0.5 = half a point) in the units the campaign stores
+    (``0.005``); other metrics are taken in their own units."""
+    if halfwidth is None:
+        return None
+    return halfwidth / 100.0 if metric.fraction else halfwidth
+
+
 def metric_from_spec(spec: str | Metric) -> Metric:
     """The metric named on the command line: a built-in (``top1``, ``topK`` such as ``top5``,
     ``cross_entropy``; :func:`qmargin.engine.metrics.resolve_metric`) or ``pkg.module:name`` /
@@ -124,6 +135,8 @@ def evaluate_run(
     workers: int | None = None,
     ray_address: str | None = None,
     shard: tuple[int, int] | None = None,
+    ci_halfwidth: float | None = None,
+    min_patterns: int = DEFAULT_MIN_PATTERNS,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -138,7 +151,9 @@ def evaluate_run(
     (:func:`error_model_for`); they are recorded in the result's ``error_model`` settings, so a
     resume with other choices is refused. ``metric``: top-1 by default, or any metric of
     :func:`metric_from_spec` (a name or ``pkg.module:name``). ``workers`` / ``ray_address`` /
-    ``shard``: where the cells run and which (:func:`qmargin.engine.run_campaign`).
+    ``shard``: where the cells run and which; ``ci_halfwidth`` / ``min_patterns``: sequential
+    stopping (:func:`qmargin.engine.run_campaign`), the half-width as shown
+    (:func:`halfwidth_in_metric_units`: percentage points for the accuracies).
     """
     if out_path is not None:
         check_outputs(
@@ -182,10 +197,12 @@ def evaluate_run(
         overwrite=overwrite,
         patterns_per_pass=patterns_per_pass,
         weights=weights,
-        metric=metric_from_spec(metric),
+        metric=(resolved := metric_from_spec(metric)),
         workers=workers,
         ray_address=ray_address,
         shard=shard,
+        ci_halfwidth=halfwidth_in_metric_units(ci_halfwidth, resolved),
+        min_patterns=min_patterns,
     )
 
 

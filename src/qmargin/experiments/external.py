@@ -36,9 +36,15 @@ from torch import Tensor, nn
 from qmargin.data.specs import DataSource, ImageOptions, load_object, open_data
 from qmargin.engine import Evaluation, run_campaign
 from qmargin.engine.metrics import Metric
+from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.errors import CheckpointError, ConfigError, DataError
 from qmargin.experiments.campaign import weights_record
-from qmargin.experiments.evaluate import DEFAULT_PTQ_BITS, error_model_for, metric_from_spec
+from qmargin.experiments.evaluate import (
+    DEFAULT_PTQ_BITS,
+    error_model_for,
+    halfwidth_in_metric_units,
+    metric_from_spec,
+)
 from qmargin.files import check_outputs, holds_lock
 from qmargin.quant import QuantSpec, quantize_model, quantized_modules
 from qmargin.training import resolve_device
@@ -320,6 +326,8 @@ def evaluate_external(
     workers: int | None = None,
     ray_address: str | None = None,
     shard: tuple[int, int] | None = None,
+    ci_halfwidth: float | None = None,
+    min_patterns: int = DEFAULT_MIN_PATTERNS,
 ) -> dict[str, Any]:
     """Build, load, quantize and stress a user's model on a data spec (module docstring).
 
@@ -327,7 +335,9 @@ def evaluate_external(
     spec's checked batches; never held whole in memory) and fingerprinted while it streams, unless
     ``data_identity`` names it. ``metric``: :func:`qmargin.experiments.evaluate.metric_from_spec`.
     ``storage`` / ``saturate`` / ``nested``: as :func:`qmargin.experiments.evaluate.error_model_for`.
-    ``workers`` / ``ray_address`` / ``shard``: as :func:`qmargin.engine.run_campaign` (with workers
+    ``ci_halfwidth``: as shown (percentage points for the accuracies;
+    :func:`qmargin.experiments.evaluate.halfwidth_in_metric_units`), ``min_patterns``: sequential
+    stopping. ``workers`` / ``ray_address`` / ``shard``: as :func:`qmargin.engine.run_campaign` (with workers
     the data spec's loader travels to each worker once).
     ``on_model`` is called with the prepared :class:`ExternalModel` before the campaign starts (the
     CLI prints the quantized layers). The result is the campaign dict of
@@ -382,4 +392,6 @@ def evaluate_external(
         workers=workers,
         ray_address=ray_address,
         shard=shard,
+        ci_halfwidth=halfwidth_in_metric_units(ci_halfwidth, resolved),
+        min_patterns=min_patterns,
     )

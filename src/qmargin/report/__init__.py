@@ -20,19 +20,21 @@ from qmargin.report.reproductions import (
     mondeq_conv_markdown,
     mondeq_markdown,
 )
-from qmargin.report.stats import mean_confidence_interval
 from qmargin.report.tables import (
     ber_table,
     compare_table,
     format_ber,
     format_markdown_table,
+    paired_table,
     render_text,
 )
+from qmargin.stats import mean_confidence_interval
 
 __all__ = [
     "ber_table",
     "compare_table",
     "format_markdown_table",
+    "paired_table",
     "format_ber",
     "render_text",
     "plot_accuracy_vs_ber",

@@ -6,7 +6,7 @@ assembles from result files (or any caller builds by hand):
 * ``title``: the page title;
 * ``comparisons``: ``[{"title", "results": [(label, campaign result), ...], "note"?}]``: one
   metric-vs-BER plot per entry (line: mean; band: min-max or mean ± std over patterns; bars: the 95 %
-  confidence interval of the mean, :func:`qmargin.report.stats.mean_confidence_interval`), the
+  confidence interval of the mean, :func:`qmargin.stats.mean_confidence_interval`), the
   comparison table (per BER, each model, the best mean of the row marked by the metric's
   ``higher_is_better``) and the per-model statistics;
 * ``certificates``: ``[{"title", "rows": [certificate dicts of `qmargin certify`], "per_channel"?}]``;
@@ -28,7 +28,9 @@ file (``json.dumps``: the shortest repr, which reads back to the same double), `
 (percent), ``yes`` / ``no`` for ``FMT == "bool"``. Campaign values carry ``data-group`` (the
 comparison, 1-based), ``data-model`` (the label) and ``data-ber`` (the BER as JSON; the clean value
 has ``data-stat="clean"`` and no BER); their stats are ``clean``, ``mean``, ``std``, ``min``,
-``max``, ``ci_low``, ``ci_high``, ``patterns``. Certificate values carry ``data-table``
+``max``, ``ci_low``, ``ci_high``, ``patterns``, and in the paired-difference table (every model
+against the first, :func:`qmargin.report.tables.paired_rows`) ``diff_mean``, ``diff_ci_low``,
+``diff_ci_high``, ``diff_n``. Certificate values carry ``data-table``
 (``certificate``, or ``float`` / ``ptq`` / ``displacement`` / ``qat`` of a MonDEQ reproduction),
 ``data-source`` and ``data-row`` (the row's index in its list).
 """
@@ -43,7 +45,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qmargin.report.stats import CI_LEVEL, mean_confidence_interval
 from qmargin.report.tables import (
     Result,
     as_labelled,
@@ -52,7 +53,9 @@ from qmargin.report.tables import (
     format_ber,
     metric_label,
     metric_of,
+    paired_rows,
 )
+from qmargin.stats import CI_LEVEL, mean_confidence_interval
 
 __all__ = ["report_html", "figure_svg", "format_value", "CSP"]
 
@@ -215,6 +218,42 @@ def _marked(inner: str, best: bool) -> tuple[str, str]:
     return ("num best", head + STAR + sep + tail)
 
 
+def _paired_section(index: int, items: list[tuple[str, Result]], fmt: str, unit: str) -> list[str]:
+    """Every model against the first over their shared pattern seeds (paired t, :func:`paired_rows`)."""
+    rows_in = paired_rows(items)
+    if not rows_in:
+        return []
+    pfmt = "100*+.2f" if fmt.startswith("100*") else "+.4f"
+    punit = " (points)" if unit else ""
+    head = ["model", "BER", f"mean difference{punit}", f"{100 * CI_LEVEL:g} % CI{punit}", "shared seeds"]
+    rows: list[list[tuple[str, str]]] = []
+    for d in rows_in:
+        a = {"group": index, "model": d["model"], "ber": _json(d["ber"])}
+        ci = DASH
+        if d["ci_low"] is not None:
+            ci = (
+                f"[{_span(d['ci_low'], pfmt, {**a, 'stat': 'diff_ci_low'})}, "
+                f"{_span(d['ci_high'], pfmt, {**a, 'stat': 'diff_ci_high'})}]"
+            )
+        rows.append(
+            [
+                ("text", _e(f"{d['model']} - {d['reference']}")),
+                ("text", _e(format_ber(d["ber"]))),
+                ("num", _span(d["mean"], pfmt, {**a, "stat": "diff_mean"})),
+                ("num", ci),
+                ("num", _span(d["n"], "d", {**a, "stat": "diff_n"})),
+            ]
+        )
+    return [
+        f"<h3>Paired differences against {_e(items[0][0])}</h3>",
+        '<p class="note">Over the pattern seeds both campaigns hold (same seed, same error pattern for '
+        f"models of the same shapes): mean of the per-pattern differences and its {100 * CI_LEVEL:g} % "
+        "confidence interval (paired Student t). An interval that excludes 0 means the difference is "
+        "not pattern noise.</p>",
+        _table(head, rows, f' class="paired" data-group="{index}"'),
+    ]
+
+
 def _comparison(index: int, comp: Mapping[str, Any], band: str) -> str:
     from qmargin.report.plots import accuracy_vs_ber_figure  # lazy: matplotlib
 
@@ -299,6 +338,7 @@ def _comparison(index: int, comp: Mapping[str, Any], band: str) -> str:
     if len(labels) > 1:
         out.append(f'<p class="note">★: the best mean of the row ({direction}).</p>')
     out.append(_table(head, rows, f' class="compare" data-group="{index}"'))
+    out += _paired_section(index, items, fmt, unit)
 
     # per-model statistics
     head = [

@@ -26,7 +26,6 @@ from matplotlib.figure import Figure
 
 from qmargin.errors import ConfigError
 from qmargin.files import atomic_path
-from qmargin.report.stats import mean_confidence_interval
 from qmargin.report.tables import (
     Result,
     Results,
@@ -36,6 +35,7 @@ from qmargin.report.tables import (
     metric_label,
     metric_of,
 )
+from qmargin.stats import mean_confidence_interval
 
 __all__ = [
     "plot_accuracy_vs_ber",
@@ -95,7 +95,7 @@ def accuracy_vs_ber_figure(
     zoom: bool = False,
 ) -> Figure:
     """The figure of :func:`plot_accuracy_vs_ber`; with ``ci``, also error bars of the 95 %
-    confidence interval of each mean (:func:`qmargin.report.stats.mean_confidence_interval`; a
+    confidence interval of each mean (:func:`qmargin.stats.mean_confidence_interval`; a
     BER entry needs its pattern count: its values, or ``patterns``); with ``legend_outside``, the
     legend sits right of the plot (a wider figure) instead of over the curves; with ``zoom``, the
     value axis spans the data (not ``[0, 100]`` %)."""

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qmargin.errors import ConfigError
+from qmargin.stats import CI_LEVEL, paired_difference
 
 __all__ = [
     "ber_table",
@@ -34,6 +35,9 @@ __all__ = [
     "clean_value",
     "entry_values",
     "entry_count",
+    "seed_values",
+    "paired_rows",
+    "paired_table",
 ]
 
 Result = Mapping[str, Any]
@@ -68,6 +72,81 @@ def clean_value(res: Result) -> float:
 def entry_values(entry: Mapping[str, Any]) -> list[float]:
     """Per-pattern values of a BER entry: ``accuracies`` (top-1) or ``values``."""
     return list(entry.get("accuracies", entry.get("values", [])))
+
+
+def seed_values(res: Result, entry: Mapping[str, Any]) -> dict[int, float]:
+    """``{pattern seed: value}`` of a BER entry of a campaign result (empty for a summary that
+    stores only statistics). Pattern ``r`` has seed ``res["seeds"][r]`` (``base_seed + r``)."""
+    values = entry_values(entry)
+    seeds = res.get("seeds")
+    if not values or not isinstance(seeds, list):
+        return {}
+    pats = entry.get("patterns")
+    pats = pats if isinstance(pats, list) else list(range(len(values)))
+    return {int(seeds[r]): float(v) for r, v in zip(pats, values, strict=True)}
+
+
+def paired_rows(items: list[tuple[str, Result]]) -> list[dict[str, Any]]:
+    """Every model after the first against the first (the reference), per BER both hold: the paired
+    difference over their shared pattern seeds (:func:`qmargin.stats.paired_difference`), as
+    ``{"model", "reference", "ber", "n", "mean", "ci_low", "ci_high"}`` (rows without shared seeds
+    are left out)."""
+    if len(items) < 2:
+        return []
+    ref_label, ref = items[0]
+    ref_entries = {float(e["ber"]): e for e in ref["results"]}
+    out = []
+    for label, res in items[1:]:
+        for e in res["results"]:
+            ber = float(e["ber"])
+            if ber not in ref_entries:
+                continue
+            d = paired_difference(seed_values(ref, ref_entries[ber]), seed_values(res, e))
+            if d is not None:
+                out.append({"model": label, "reference": ref_label, "ber": ber, **d})
+    return out
+
+
+def paired_table(results: Results, *, title: str | None = None, percent: bool = True) -> Table | None:
+    """The paired differences of :func:`paired_rows` as a table (``None`` for fewer than 2 models
+    or no shared seeds)."""
+    headers, rows = _paired(as_labelled(results), percent)
+    return _rich(headers, rows, {0, 1}, title) if rows else None
+
+
+def _paired(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str], list[list[str]]]:
+    percent = _percent(items, percent)
+    unit = " (points)" if percent else ""
+    labels = [label or f"model {i + 1}" for i, (label, _) in enumerate(items)]
+    named = [(labels[i], r) for i, (_, r) in enumerate(items)]
+    headers = [
+        "model - reference",
+        "BER",
+        f"mean difference{unit}",
+        f"{100 * CI_LEVEL:g}% CI{unit}",
+        "shared seeds",
+    ]
+    rows = []
+    for d in paired_rows(named):
+        ci = (
+            DASH
+            if d["ci_low"] is None
+            else f"[{_diff(d['ci_low'], percent)}, {_diff(d['ci_high'], percent)}]"
+        )
+        rows.append(
+            [
+                f"{d['model']} - {d['reference']}",
+                format_ber(d["ber"]),
+                _diff(d["mean"], percent),
+                ci,
+                str(d["n"]),
+            ]
+        )
+    return headers, rows
+
+
+def _diff(v: float, percent: bool) -> str:
+    return f"{100.0 * v:+.2f}" if percent else f"{v:+.4f}"
 
 
 def entry_count(entry: Mapping[str, Any]) -> int:
@@ -147,6 +226,7 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
     percent = _percent(items, percent)
     labelled = any(label for label, _ in items)
     failures = any("clean_failures" in r or any("failures" in e for e in r["results"]) for _, r in items)
+    stopping = any("ci_halfwidth" in e for _, r in items for e in r["results"])
     unit = " (%)" if percent else ""
     headers = (["model"] if labelled else []) + [
         "BER",
@@ -156,12 +236,16 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
         f"max{unit}",
         "patterns",
     ]
+    if stopping:
+        headers.append(f"{100 * CI_LEVEL:g}% CI ±{' (points)' if percent else ''}")
     if failures:
         headers.append("failures/pattern")
     rows: list[list[str]] = []
     for label, res in items:
         prefix = [label] if labelled else []
         clean = [*prefix, "clean", _acc(clean_value(res), percent), DASH, DASH, DASH, DASH]
+        if stopping:
+            clean.append(DASH)
         if failures:
             cf = res.get("clean_failures")
             clean.append(DASH if cf is None else f"{cf:.1f}" if isinstance(cf, float) else str(cf))
@@ -170,6 +254,9 @@ def _ber_rows(items: list[tuple[str, Result]], percent: bool) -> tuple[list[str]
             row = [*prefix, format_ber(e["ber"])]
             row += [_acc(e.get(k), percent) for k in ("mean", "std", "min", "max")]
             row.append(str(entry_count(e)))
+            if stopping:
+                hw = e.get("ci_halfwidth")
+                row.append(DASH if hw is None else _acc(hw, percent))
             if failures:
                 row.append(_mean_failures(e))
             rows.append(row)
@@ -250,6 +337,11 @@ def format_markdown_table(results: Results, *, compare: bool = False, percent: b
     notes = [n for n in (_caption(items), "*: best of the row" if compare and len(items) > 1 else None) if n]
     if notes:
         lines += ["", "; ".join(notes)]
+    if compare:
+        p_headers, p_rows = _paired(items, percent)
+        if p_rows:
+            lines += ["", "| " + " | ".join(p_headers) + " |", "|---|---|---:|---|---:|"]
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in p_rows]
     return "\n".join(lines) + "\n"
 
 

@@ -18,9 +18,20 @@ against ``scipy.stats.t.ppf`` in the tests), so the library needs no scipy.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
-__all__ = ["mean_confidence_interval", "student_t_quantile", "student_t_cdf", "CI_LEVEL"]
+import numpy as np
+
+__all__ = [
+    "mean_confidence_interval",
+    "mean_halfwidth",
+    "paired_difference",
+    "summarize_accuracies",
+    "student_t_quantile",
+    "student_t_cdf",
+    "CI_LEVEL",
+]
 
 CI_LEVEL = 0.95
 """The confidence level the report uses."""
@@ -134,3 +145,48 @@ def mean_confidence_interval(
         raise ValueError(f"level must be in (0, 1), got {level}")
     half = student_t_quantile((1.0 + level) / 2.0, n - 1) * float(std) / math.sqrt(n - 1)
     return float(mean) - half, float(mean) + half
+
+
+def summarize_accuracies(accuracies: Sequence[float]) -> dict[str, float]:
+    """``mean``, population ``std`` (ddof 0), ``min``, ``max`` of per-pattern values (float64): the
+    summary a campaign result stores per BER."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no accuracies to summarize")
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def mean_halfwidth(values: Sequence[float], *, level: float = CI_LEVEL) -> float | None:
+    """Half the width of the ``level`` confidence interval of the mean of ``values``
+    (:func:`mean_confidence_interval` of their :func:`summarize_accuracies`); ``None`` for fewer than 2."""
+    if len(values) < 2:
+        return None
+    s = summarize_accuracies(values)
+    ci = mean_confidence_interval(s["mean"], s["std"], len(values), level=level)
+    assert ci is not None
+    return (ci[1] - ci[0]) / 2.0
+
+
+def paired_difference(
+    reference: Mapping[int, float], other: Mapping[int, float], *, level: float = CI_LEVEL
+) -> dict[str, float | int | None] | None:
+    """The mean paired difference ``d_bar = (1/n) sum_s (b_s - a_s)`` over the pattern seeds ``s``
+    both campaigns hold (``reference`` = ``{seed: a_s}``, ``other`` = ``{seed: b_s}``), with its
+    ``level`` Student-t confidence interval (paired t: :func:`mean_confidence_interval` of the
+    differences, ``n - 1`` degrees of freedom). Same seed = same error pattern where the two models
+    store codes of the same shapes, so the differences cancel the pattern-to-pattern spread both
+    share. ``{"n", "mean", "ci_low", "ci_high"}`` (``ci_*`` ``None`` for one shared seed); ``None``
+    when no seed is shared."""
+    seeds = sorted(set(reference) & set(other))
+    if not seeds:
+        return None
+    diffs = [float(other[s]) - float(reference[s]) for s in seeds]
+    summary = summarize_accuracies(diffs)
+    ci = mean_confidence_interval(summary["mean"], summary["std"], len(diffs), level=level)
+    return {
+        "n": len(diffs),
+        "mean": summary["mean"],
+        "ci_low": None if ci is None else ci[0],
+        "ci_high": None if ci is None else ci[1],
+    }
+
