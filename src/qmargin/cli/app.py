@@ -655,7 +655,9 @@ def evaluate(
         )
     console.print(
         ber_table(
-            result, title=f"{run}: {_metric_label(result)} under random bit errors ({repeats} patterns)"
+            result,
+            title=f"{run}: {_metric_label(result)} under random bit errors "
+            f"({_patterns_label(result, repeats)})",
         )
     )
     if any("failures" in r for r in result["results"]):
@@ -789,6 +791,16 @@ def _shard_note(result: dict) -> None:
             f"shard {shard['index']}/{shard['count']}: {result['timing']['patterns_done']} cells; when every "
             "shard is done: qmargin merge SHARD.json... --out FILE.json"
         )
+
+
+def _patterns_label(result: dict, repeats: int) -> str:
+    """``"20 patterns"``, or with a stopping rule ``"up to 200 patterns, until the 95% CI is ±0.5"``."""
+    stop = result.get("stopping")
+    if not isinstance(stop, dict):
+        return f"{repeats} patterns"
+    fraction = (result.get("metric") or {"fraction": True}).get("fraction", True)
+    h = 100 * stop["halfwidth"] if fraction else stop["halfwidth"]
+    return f"up to {repeats} patterns, until the {100 * stop['level']:g}% CI is ±{h:g}"
 
 
 def _metric_label(result: dict) -> str:
