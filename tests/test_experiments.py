@@ -175,3 +175,34 @@ def test_mondeq_conv_preset_tiny(tmp_path):
     again = run_mondeq_reproduction(**kwargs, progress=progress)["summary"]
     _assert_steps(calls, ["float", "PTQ 3-bit", "PTQ 8-bit", "certified QAT 4-bit"])
     assert again["ptq"] == s["ptq"] and again["qat"] == s["qat"] and again["float"] == s["float"]
+
+
+def test_mcel_reproduction_plan_storages_and_stopping(tmp_path):
+    """The fashion preset's machinery on digits: an explicit plan (a second seed), offset-binary
+    evaluations of the same weights, sequential stopping, and partial summaries as runs finish."""
+    preset = Preset(
+        "digits", "mlp", epochs=1, bits=(4,), repeats=8, bers=(0.0, 0.05), methods=METHODS,
+        plan=((4, "CE", 0), (4, "MCEL", 0), (4, "CE", 1)), storages=((4, "offset"), (2, "offset")),
+        ci_halfwidth=0.02, min_patterns=3,
+    )  # fmt: skip
+    calls, progress = _recorder()
+    res = run_mcel_reproduction(
+        preset="plan", preset_override=preset, out_dir=tmp_path / "out", progress=progress
+    )
+    labels = ["CE", "MCEL", "CE seed 1", "CE (offset)", "MCEL (offset)", "CE seed 1 (offset)"]
+    _assert_steps(calls, [f"{label} 4-bit" for label in labels])  # (2, "offset"): no 2-bit run, skipped
+    rows = res["summary"]["rows"]
+    assert [r["method"] for r in rows] == labels
+    assert [(r["seed"], r["storage"]) for r in rows] == [(0, "twos"), (0, "twos"), (1, "twos")] + [
+        (0, "offset"), (0, "offset"), (1, "offset")
+    ]
+    assert res["summary"]["ci_halfwidth"] == 0.02 and res["summary"]["min_patterns"] == 3
+    for r in rows:
+        assert all(3 <= e["patterns"] <= 8 for e in r["results"])
+        assert r["results"][0]["patterns"] == 3  # BER 0: no spread, stops at the minimum
+    # same weights, another word format: the offset campaign sits beside the two's complement one
+    offset = json.loads((tmp_path / "out" / "ce-4bit-s1" / "ber-offset.json").read_text())
+    assert offset["error_model"]["storage"] == "offset" and offset["stopping"]["min_patterns"] == 3
+    twos = json.loads((tmp_path / "out" / "ce-4bit-s1" / "ber.json").read_text())
+    assert twos["clean_accuracy"] == offset["clean_accuracy"] and rows[2]["config"]["seed"] == 1
+    assert "3 to 8 paired patterns per BER" in res["markdown"]

@@ -9,7 +9,13 @@ Presets (``PRESETS``):
 * ``fast`` — mnist5k, MLP 784-256-256-10, Adam 1e-3, 30 epochs, 2/4/8 bits, 20 patterns; the
   symmetric max-scaled quantizer plus the asymmetric quantizer for CE and MCEL. Minutes on 2 CPU
   cores; its results are committed in ``docs/results/``.
-* ``fashion`` — Fashion-MNIST (files in ``--data-dir``), VGG3, 30 epochs, 50 patterns.
+* ``fashion`` — Fashion-MNIST (files in ``--data-dir``, e.g. Debian's ``/usr/share/datasets/fashion-mnist``),
+  VGG3, Adam 1e-3, 5 epochs (about 20 minutes per model on one core); the paper's grid (issue 9):
+  CE, MCEL, MHL, RandBET, CE + clipping, MCEL + clipping at 2 and 4 bits, a second training seed for
+  CE and MCEL at 4 bits, CE and MCEL at 8 bits, then every 2- and 4-bit model again with
+  offset-binary storage; BERs 0 to 2e-2; 20 to 50 paired patterns per BER on the 10,000 test images
+  (sequential stopping at ±0.5 points). Hours on CPU; resumable run by run, and the summary is
+  rewritten after every run. (1-bit networks are not in it yet.)
 * ``cifar10`` — CIFAR-10 binary (files in ``--data-dir``), VGG7, 60 epochs, 50 patterns.
 * ``full`` — ``fashion`` then ``cifar10``.
 """
@@ -76,6 +82,32 @@ class Preset:
     methods: tuple[Method, ...] = METHODS
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    plan: tuple[tuple[int, str, int], ...] | None = None
+    """``(bits, method name, training seed)`` in run order; ``None``: every method at every bit width,
+    seed 0 (bit width by bit width)."""
+    storages: tuple[tuple[int, str], ...] = ()
+    """``(bits, storage)``: every model of that bit width is also evaluated with that word format
+    (same weights, another campaign, after the plan)."""
+    ci_halfwidth: float | None = None
+    """Sequential stopping (fraction units) with ``min_patterns``; ``repeats`` is then the cap."""
+    min_patterns: int = 5
+
+    def runs(self) -> list[tuple[int, Method, int]]:
+        """The training runs, in order."""
+        if self.plan is None:
+            return [(b, m, 0) for b in self.bits for m in self.methods]
+        by_name = {m.name: m for m in self.methods}
+        unknown = [name for _, name, _ in self.plan if name not in by_name]
+        if unknown:
+            raise ConfigError(f"the preset's plan names unknown methods: {', '.join(unknown)}")
+        return [(b, by_name[name], seed) for b, name, seed in self.plan]
+
+
+def _fashion_plan() -> tuple[tuple[int, str, int], ...]:
+    """The paper's grid on Fashion-MNIST (issue 9), the most telling runs first."""
+    first = [(4, "CE", 0), (4, "MCEL", 0), (2, "CE", 0), (2, "MCEL", 0)]
+    rest = [(b, m, 0) for b in (4, 2) for m in ("MHL", "RandBET", "CE+clip", "MCEL+clip")]
+    return (*first, *rest, (4, "CE", 1), (4, "MCEL", 1), (8, "CE", 0), (8, "MCEL", 0))
 
 
 PRESETS: dict[str, Preset] = {
@@ -83,7 +115,18 @@ PRESETS: dict[str, Preset] = {
         "mnist5k", "mlp", 30, description="mnist5k, MLP 784-256-256-10, Adam 1e-3, 30 epochs, 20 patterns"
     ),
     "fashion": Preset(
-        "fashion-mnist", "vgg3", 30, repeats=50, description="Fashion-MNIST, VGG3, 30 epochs, 50 patterns"
+        "fashion-mnist",
+        "vgg3",
+        5,
+        bits=(2, 4, 8),
+        repeats=50,
+        bers=(0.0, 1e-3, 5e-3, 1e-2, 1.5e-2, 2e-2),
+        plan=_fashion_plan(),
+        storages=((4, "offset"), (2, "offset")),
+        ci_halfwidth=0.005,
+        min_patterns=20,
+        description="Fashion-MNIST (60,000 / 10,000), VGG3, Adam 1e-3, batch 128, 5 epochs; at least 20 "
+        "and up to 50 paired patterns per BER on the 10,000 test images (until the 95% CI is ±0.5 points)",
     ),
     "cifar10": Preset(
         "cifar10",
@@ -132,80 +175,120 @@ def run_mcel_reproduction(
     data = load_dataset(p.dataset, data_dir=data_dir)
     template = error_model_for()
     rows: list[dict[str, Any]] = []
-    steps = Steps(len(p.bits) * len(p.methods), progress)
-    for bits in p.bits:
-        labelled: list[tuple[str, dict[str, Any]]] = []
-        for method in p.methods:
-            cfg = TrainConfig(
-                dataset=p.dataset,
-                model=p.model,
-                bits=bits,
-                epochs=p.epochs,
-                batch_size=p.batch_size,
-                lr=p.lr,
-                schedule=p.schedule,
-                seed=0,
-                device="auto",
-                data_dir=str(data_dir) if data_dir else None,
-                model_kwargs=dict(p.model_kwargs),
-                **method.fields,
-            )
-            run_dir = out / f"{_slug(method.name)}-{bits}bit"
-            t0 = time.perf_counter()
+    runs = p.runs()
+    storages = [(b, s) for b, s in p.storages if any(rb == b for rb, _, _ in runs)]
+    steps = Steps(len(runs) + sum(1 for b, _ in storages for rb, _, _ in runs if rb == b), progress)
+    labelled: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    campaign_kw: dict[str, Any] = (
+        {} if p.ci_halfwidth is None else {"ci_halfwidth": p.ci_halfwidth, "min_patterns": p.min_patterns}
+    )
+    summary: dict[str, Any] = {}
+    md = ""
 
-            def trained(
-                result: TrainResult, name: str = method.name, bits: int = bits, t0: float = t0
-            ) -> None:
-                log(
-                    f"{name:>10} {bits}-bit: clean {result.test_acc:.4f}, "
-                    f"train {result.train_time_s:.1f} s"
-                    f"{' (stored)' if result.skipped else ''} [{time.perf_counter() - t0:.0f} s]"
-                )
+    def write_summary() -> None:
+        nonlocal summary, md
+        _add_time_ratios(rows)
+        summary = {
+            "preset": preset,
+            "description": p.description,
+            "bers": list(p.bers),
+            "repeats": p.repeats,
+            **(
+                {}
+                if p.ci_halfwidth is None
+                else {"min_patterns": p.min_patterns, "ci_halfwidth": p.ci_halfwidth}
+            ),
+            "base_seed": PATTERN_BASE_SEED,
+            "rows": rows,
+        }
+        md = mcel_markdown(summary)
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.md", md)
 
-            stressed = train_and_stress(
-                cfg, data, run_dir, bers=p.bers, repeats=p.repeats, error_model=template, on_trained=trained
-            )
-            result, campaign = stressed.result, stressed.campaign
-            steps.done(f"{method.name} {bits}-bit")
-            labelled.append((method.name, campaign))
-            rows.append(
-                {
-                    "method": method.name,
-                    "bits": bits,
-                    "train_time_s": result.train_time_s,
-                    "clean_accuracy": campaign["clean_accuracy"],
-                    "results": [
-                        {k: r[k] for k in ("ber", "mean", "std", "min", "max")} for r in campaign["results"]
-                    ],
-                    "config": result.config.to_dict(),
-                }
-            )
-        plot_accuracy_vs_ber(
-            labelled,
-            out / f"accuracy_vs_ber_{bits}bit.png",
-            title=f"{p.dataset}, {p.model}, {bits}-bit weights ({p.repeats} patterns)",
-        )
-    _add_time_ratios(rows)
-    summary = {
-        "preset": preset,
-        "description": p.description,
-        "bers": list(p.bers),
-        "repeats": p.repeats,
-        "base_seed": PATTERN_BASE_SEED,
-        "rows": rows,
-    }
-    md = mcel_markdown(summary)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "summary.md", md)
-    if results_dir is not None:
+    def publish() -> None:
+        """The summary (and with ``results_dir`` its copies and plots) of the rows done so far."""
+        write_summary()
+        if results_dir is None:
+            return
         rd = Path(results_dir)
         rd.mkdir(parents=True, exist_ok=True)
         write_text_atomic(rd / f"mcel_{preset}.md", md)
         write_text_atomic(rd / f"mcel_{preset}.json", json.dumps(summary, indent=2))
-        for bits in p.bits:
-            src = out / f"accuracy_vs_ber_{bits}bit.png"
-            copy_file_atomic(src, rd / f"mcel_{preset}_{bits}bit.png")
+        for b in sorted(labelled):
+            copy_file_atomic(out / f"accuracy_vs_ber_{b}bit.png", rd / f"mcel_{preset}_{b}bit.png")
+
+    variants = [(bits, method, seed, None) for bits, method, seed in runs] + [
+        (bits, method, seed, storage) for b, storage in storages for bits, method, seed in runs if bits == b
+    ]
+    for bits, method, seed, storage in variants:
+        cfg = TrainConfig(
+            dataset=p.dataset,
+            model=p.model,
+            bits=bits,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            schedule=p.schedule,
+            seed=seed,
+            device="auto",
+            data_dir=str(data_dir) if data_dir else None,
+            model_kwargs=dict(p.model_kwargs),
+            **method.fields,
+        )
+        run_dir = out / (f"{_slug(method.name)}-{bits}bit" + (f"-s{seed}" if seed else ""))
+        label = method.name + (f" seed {seed}" if seed else "") + (f" ({storage})" if storage else "")
+        t0 = time.perf_counter()
+
+        def trained(result: TrainResult, name: str = label, bits: int = bits, t0: float = t0) -> None:
+            log(
+                f"{name:>10} {bits}-bit: clean {result.test_acc:.4f}, "
+                f"train {result.train_time_s:.1f} s"
+                f"{' (stored)' if result.skipped else ''} [{time.perf_counter() - t0:.0f} s]"
+            )
+
+        stressed = train_and_stress(
+            cfg,
+            data,
+            run_dir,
+            bers=p.bers,
+            repeats=p.repeats,
+            error_model=template if storage is None else error_model_for(storage=storage),
+            on_trained=trained,
+            result_name="ber.json" if storage is None else f"ber-{storage}.json",
+            **campaign_kw,
+        )
+        result, campaign = stressed.result, stressed.campaign
+        steps.done(f"{label} {bits}-bit")
+        labelled.setdefault(bits, []).append((label, campaign))
+        rows.append(
+            {
+                "method": label,
+                "bits": bits,
+                **({} if p.plan is None and not p.storages else {"seed": seed, "storage": storage or "twos"}),
+                "train_time_s": result.train_time_s,
+                "clean_accuracy": campaign["clean_accuracy"],
+                "results": [
+                    {k: r[k] for k in ("ber", "mean", "std", "min", "max")}
+                    | ({"patterns": len(r["accuracies"])} if p.ci_halfwidth is not None else {})
+                    for r in campaign["results"]
+                ],
+                "config": result.config.to_dict(),
+            }
+        )
+        plot_accuracy_vs_ber(
+            labelled[bits],
+            out / f"accuracy_vs_ber_{bits}bit.png",
+            title=f"{p.dataset}, {p.model}, {bits}-bit weights ({_patterns_text(p)})",
+        )
+        publish()  # partial results are usable while the rest runs (hours for the fashion preset)
+    publish()
     return {"summary": summary, "markdown": md}
+
+
+def _patterns_text(p: Preset) -> str:
+    if p.ci_halfwidth is None:
+        return f"{p.repeats} patterns"
+    return f"{p.min_patterns} to {p.repeats} patterns, until the 95% CI is ±{100 * p.ci_halfwidth:g} points"
 
 
 def _slug(name: str) -> str:

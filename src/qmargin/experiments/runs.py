@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qmargin.data import Dataset, available_datasets, dataset_info, load_dataset
+from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.models import check_model_kwargs, hidden_kwargs
 from qmargin.training import TrainConfig, TrainResult
@@ -58,9 +59,13 @@ def train_and_stress(
     base_seed: int = PATTERN_BASE_SEED,
     device: str = "cpu",
     on_trained: Callable[[TrainResult], None] | None = None,
+    result_name: str = "ber.json",
+    ci_halfwidth: float | None = None,
+    min_patterns: int = DEFAULT_MIN_PATTERNS,
 ) -> Stressed:
     """Train ``config`` into ``run_dir`` (resumes; a finished run is reused), call ``on_trained``, then
-    run the paired campaign ``bers`` x ``repeats`` on the model, stored in ``run_dir/ber.json``.
+    run the paired campaign ``bers`` x ``repeats`` on the model, stored in ``run_dir/result_name``
+    (``ci_halfwidth`` / ``min_patterns``: sequential stopping, :func:`qmargin.engine.run_campaign`).
 
     ``error_model`` is the campaign's template (:func:`qmargin.experiments.evaluate.error_model_for`)."""
     run_dir = Path(run_dir)
@@ -75,9 +80,11 @@ def train_and_stress(
         repeats=repeats,
         base_seed=base_seed,
         error_model=error_model,
-        out_path=run_dir / "ber.json",
+        out_path=run_dir / result_name,
         config=result.config.to_dict(),
         device=device,
+        ci_halfwidth=ci_halfwidth,
+        min_patterns=min_patterns,
     )
     return Stressed(result, campaign)
 

@@ -21,8 +21,15 @@ def mcel_markdown(summary: dict[str, Any]) -> str:
     bers: Sequence[float] = summary["bers"]
     head = ["bits", "method", *[("clean" if b == 0 else f"{b:g}") for b in bers], "train time vs CE"]
     lines = [
-        f"Accuracy (%) under random bit errors in the stored weight codes, mean ± std over "
-        f"{summary['repeats']} paired patterns (seeds {summary['base_seed']}..). "
+        "Accuracy (%) under random bit errors in the stored weight codes, mean ± std over "
+        + (
+            f"{summary['repeats']} paired patterns"
+            if summary.get("ci_halfwidth") is None
+            else f"{summary['min_patterns']} to {summary['repeats']} paired patterns per BER (sequential "
+            f"stopping at a 95% CI of ±{100 * summary['ci_halfwidth']:g} points; the count per cell in "
+            "the JSON)"
+        )
+        + f" (seeds {summary['base_seed']}..). "
         f"{summary.get('description', '')}",
         "",
         "| " + " | ".join(head) + " |",
