@@ -8,7 +8,7 @@ import pytest
 
 from qmargin.experiments.ablation import AblationPoint, run_mcel_ablation, select_default
 from qmargin.experiments.demo import run_demo
-from qmargin.experiments.mcel import METHODS, Preset, run_mcel_reproduction
+from qmargin.experiments.mcel import METHODS, MHL_BINARY, Preset, run_mcel_reproduction
 from qmargin.experiments.mondeq import MonDEQPreset, run_mondeq_reproduction
 
 
@@ -181,21 +181,26 @@ def test_mcel_reproduction_plan_storages_and_stopping(tmp_path):
     """The fashion preset's machinery on digits: an explicit plan (a second seed), offset-binary
     evaluations of the same weights, sequential stopping, and partial summaries as runs finish."""
     preset = Preset(
-        "digits", "mlp", epochs=1, bits=(4,), repeats=8, bers=(0.0, 0.05), methods=METHODS,
-        plan=((4, "CE", 0), (4, "MCEL", 0), (4, "CE", 1)), storages=((4, "offset"), (2, "offset")),
+        "digits", "mlp", epochs=1, bits=(4,), repeats=8, bers=(0.0, 0.05), methods=(*METHODS, MHL_BINARY),
+        plan=((4, "CE", 0), (4, "MCEL", 0), (4, "CE", 1), (1, "MHL b=128", 0)),
+        storages=((4, "offset"), (2, "offset")),
         ci_halfwidth=0.02, min_patterns=3,
     )  # fmt: skip
     calls, progress = _recorder()
     res = run_mcel_reproduction(
         preset="plan", preset_override=preset, out_dir=tmp_path / "out", progress=progress
     )
-    labels = ["CE", "MCEL", "CE seed 1", "CE (offset)", "MCEL (offset)", "CE seed 1 (offset)"]
-    _assert_steps(calls, [f"{label} 4-bit" for label in labels])  # (2, "offset"): no 2-bit run, skipped
+    labels = ["CE", "MCEL", "CE seed 1", "MHL b=128", "CE (offset)", "MCEL (offset)", "CE seed 1 (offset)"]
+    bits = [4, 4, 4, 1, 4, 4, 4]
+    # (2, "offset"): no 2-bit run, skipped
+    _assert_steps(calls, [f"{label} {b}-bit" for label, b in zip(labels, bits, strict=True)])
     rows = res["summary"]["rows"]
-    assert [r["method"] for r in rows] == labels
-    assert [(r["seed"], r["storage"]) for r in rows] == [(0, "twos"), (0, "twos"), (1, "twos")] + [
-        (0, "offset"), (0, "offset"), (1, "offset")
-    ]
+    assert [r["method"] for r in rows] == labels and [r["bits"] for r in rows] == bits
+    assert [(r["seed"], r["storage"]) for r in rows] == [
+        (0, "twos"), (0, "twos"), (1, "twos"), (0, "twos"), (0, "offset"), (0, "offset"), (1, "offset")
+    ]  # fmt: skip
+    binary = rows[3]["config"]
+    assert binary["bits"] == 1 and binary["loss"] == "mhl" and binary["loss_kwargs"]["b"] == 128.0
     assert res["summary"]["ci_halfwidth"] == 0.02 and res["summary"]["min_patterns"] == 3
     for r in rows:
         assert all(3 <= e["patterns"] <= 8 for e in r["results"])

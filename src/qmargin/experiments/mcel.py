@@ -12,10 +12,11 @@ Presets (``PRESETS``):
 * ``fashion`` — Fashion-MNIST (files in ``--data-dir``, e.g. Debian's ``/usr/share/datasets/fashion-mnist``),
   VGG3, Adam 1e-3, 5 epochs (about 20 minutes per model on one core); the paper's grid (issue 9):
   CE, MCEL, MHL, RandBET, CE + clipping, MCEL + clipping at 2 and 4 bits, a second training seed for
-  CE and MCEL at 4 bits, CE and MCEL at 8 bits, then every 2- and 4-bit model again with
-  offset-binary storage; BERs 0 to 2e-2; 20 to 50 paired patterns per BER on the 10,000 test images
-  (sequential stopping at ±0.5 points). Hours on CPU; resumable run by run, and the summary is
-  rewritten after every run. (1-bit networks are not in it yet.)
+  CE and MCEL at 4 bits, CE and MCEL at 8 bits, binary VGG3s (1-bit sign weights, scale mean |w|,
+  straight-through gradient) with CE, MCEL and MHL with b = 128, then every 2- and 4-bit model again
+  with offset-binary storage; BERs 0 to 2e-2; 20 to 50 paired patterns per BER on the 10,000 test
+  images (sequential stopping at ±0.5 points). Hours on CPU; resumable run by run, and the summary is
+  rewritten after every run.
 * ``cifar10`` — CIFAR-10 binary (files in ``--data-dir``), VGG7, 60 epochs, 50 patterns.
 * ``full`` — ``fashion`` then ``cifar10``.
 """
@@ -42,7 +43,7 @@ from qmargin.experiments.runs import (
 from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.report import mcel_markdown, plot_accuracy_vs_ber
 
-__all__ = ["Method", "Preset", "PRESETS", "METHODS", "run_mcel_reproduction"]
+__all__ = ["Method", "Preset", "PRESETS", "METHODS", "MHL_BINARY", "run_mcel_reproduction"]
 
 BERS = (0.0, 1e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
@@ -66,6 +67,9 @@ METHODS: tuple[Method, ...] = (
     Method("CE asym", {"loss": "ce", "quant": "asym"}),
     Method("MCEL asym", {"loss": "mcel", "quant": "asym"}),
 )
+
+MHL_BINARY = Method("MHL b=128", {"loss": "mhl", "loss_kwargs": {"b": 128.0}})
+"""The margin hinge loss as the BNN bit-error work uses it (Buschjäger et al., DATE 2021: b = 128)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ def _fashion_plan() -> tuple[tuple[int, str, int], ...]:
     """The paper's grid on Fashion-MNIST (issue 9), the most telling runs first."""
     first = [(4, "CE", 0), (4, "MCEL", 0), (2, "CE", 0), (2, "MCEL", 0)]
     rest = [(b, m, 0) for b in (4, 2) for m in ("MHL", "RandBET", "CE+clip", "MCEL+clip")]
-    return (*first, *rest, (4, "CE", 1), (4, "MCEL", 1), (8, "CE", 0), (8, "MCEL", 0))
+    binary = [(1, "CE", 0), (1, "MCEL", 0), (1, MHL_BINARY.name, 0)]
+    return (*first, *rest, (4, "CE", 1), (4, "MCEL", 1), (8, "CE", 0), (8, "MCEL", 0), *binary)
 
 
 PRESETS: dict[str, Preset] = {
@@ -118,9 +123,10 @@ PRESETS: dict[str, Preset] = {
         "fashion-mnist",
         "vgg3",
         5,
-        bits=(2, 4, 8),
+        bits=(1, 2, 4, 8),
         repeats=50,
         bers=(0.0, 1e-3, 5e-3, 1e-2, 1.5e-2, 2e-2),
+        methods=(*METHODS, MHL_BINARY),
         plan=_fashion_plan(),
         storages=((4, "offset"), (2, "offset")),
         ci_halfwidth=0.005,
