@@ -124,7 +124,8 @@ def train(
         str,
         typer.Option(
             click_type=opt.NAME,
-            help="mlp | vgg3 | vgg7 | resnet20 | mondeq | mondeq-conv | mondeq-multitier",
+            help="mlp | vgg3 | vgg7 | resnet20 | resnet18 | mobilenetv2 | mondeq | mondeq-conv | "
+            "mondeq-multitier",
         ),
     ] = "mlp",
     bits: Annotated[

@@ -53,12 +53,17 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     bias: bool = True,
+    groups: int = 1,
 ) -> nn.Conv2d:
-    """``nn.Conv2d`` (``spec=None``) or ``QuantConv2d`` storing its weight under ``spec``."""
+    """``nn.Conv2d`` (``spec=None``) or ``QuantConv2d`` storing its weight under ``spec``; ``groups``
+    as in ``nn.Conv2d`` (``groups = in_channels = out_channels``: a depthwise convolution, whose
+    ``[C, 1, k, k]`` kernel is stored as codes like any other, per-channel scales per output channel)."""
     if spec is None:
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, groups=groups
+        )
     return QuantConv2d(
-        in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, groups=groups,
         spec=spec, bias_spec=bias_spec,
     )
 

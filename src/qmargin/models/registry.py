@@ -22,7 +22,8 @@ from torch import nn
 from qmargin.errors import ConfigError
 from qmargin.models.layers import check_input_shape, check_num_classes, check_specs
 from qmargin.models.mlp import MLP
-from qmargin.models.resnet import resnet20
+from qmargin.models.mobilenet import mobilenet_v2
+from qmargin.models.resnet import resnet18, resnet20
 from qmargin.models.vgg import vgg3, vgg7
 from qmargin.quant import QuantSpec
 
@@ -220,6 +221,31 @@ def _build_resnet20(
     )
 
 
+def _build_mobilenetv2(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    spec: QuantSpec | None,
+    bias_spec: QuantSpec | None = None,
+    width: float = 1.0,
+    keep_first_last_float: bool = False,
+) -> nn.Module:
+    return mobilenet_v2(
+        input_shape, num_classes, spec, bias_spec, width=width, keep_first_last_float=keep_first_last_float
+    )
+
+
+def _build_resnet18(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    spec: QuantSpec | None,
+    bias_spec: QuantSpec | None = None,
+    keep_first_last_float: bool = False,
+) -> nn.Module:
+    return resnet18(input_shape, num_classes, spec, bias_spec, keep_first_last_float=keep_first_last_float)
+
+
 def _mlp_hidden(width: int) -> dict[str, Any]:
     return {"hidden": [width, width]}  # two hidden layers of that width (the default MLP's shape)
 
@@ -228,3 +254,5 @@ register_model("mlp", _build_mlp, hidden=_mlp_hidden)
 register_model("vgg3", _build_vgg3, hidden="hidden")
 register_model("vgg7", _build_vgg7, hidden="hidden")
 register_model("resnet20", _build_resnet20)
+register_model("resnet18", _build_resnet18)
+register_model("mobilenetv2", _build_mobilenetv2)

@@ -28,7 +28,7 @@ from qmargin.errors import ConfigError
 from qmargin.models.layers import check_num_classes, check_specs, conv2d, linear
 from qmargin.quant import QuantSpec
 
-__all__ = ["BasicBlock", "CifarResNet", "resnet20"]
+__all__ = ["BasicBlock", "CifarResNet", "ResNet18", "resnet20", "resnet18"]
 
 
 class _PadShortcut(nn.Module):
@@ -165,3 +165,77 @@ def resnet20(
         num_classes, in_channels, spec, bias_spec,
         blocks_per_stage=3, shortcut=shortcut, keep_first_last_float=keep_first_last_float,
     )
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al., 2016, Table 1): a stem, four stages of two basic blocks (64, 128, 256, 512
+    channels, stride 2 at the first block of stages 2 to 4, projection shortcuts ``1x1 conv + BN``
+    where the shape changes: option B, quantized like every convolution), global average pool, ``fc``.
+
+    Stem by input size: images up to 64 pixels (CIFAR) get a 3x3 stride-1 convolution and no max
+    pool (the usual CIFAR adaptation); larger ones (Imagenette 160 / 224, ImageNet) the paper's 7x7
+    stride-2 convolution and 3x3 stride-2 max pool. With 1000 classes and a 3 x 224 x 224 input the
+    network has 11,689,512 parameters (the paper's 11.7M; torchvision's ``resnet18`` has the same).
+    BatchNorm stays float; ``keep_first_last_float`` leaves the stem convolution and ``fc`` in float.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int = 10,
+        spec: QuantSpec | None = None,
+        bias_spec: QuantSpec | None = None,
+        *,
+        keep_first_last_float: bool = False,
+    ) -> None:
+        super().__init__()
+        check_specs(spec, bias_spec)
+        check_num_classes(num_classes)
+        if len(input_shape) != 3 or min(int(v) for v in input_shape) < 1:
+            raise ConfigError(f"ResNet-18 needs an input shape C x H x W, got {tuple(input_shape)}")
+        edge = None if keep_first_last_float else spec
+        self.small_input = max(int(input_shape[1]), int(input_shape[2])) <= 64
+        if self.small_input:
+            self.conv1 = conv2d(int(input_shape[0]), 64, 3, padding=1, bias=False, spec=edge)
+            self.pool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = conv2d(int(input_shape[0]), 64, 7, stride=2, padding=3, bias=False, spec=edge)
+            self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages = []
+        in_ch = 64
+        for i, w in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(
+                nn.Sequential(
+                    BasicBlock(in_ch, w, stride, shortcut="B", spec=spec),
+                    BasicBlock(w, w, 1, shortcut="B", spec=spec),
+                )
+            )
+            in_ch = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = linear(512, num_classes, spec=edge, bias_spec=bias_spec if edge else None)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.pool(F.relu(self.bn1(self.conv1(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet18(
+    input_shape: Sequence[int],
+    num_classes: int = 10,
+    spec: QuantSpec | None = None,
+    bias_spec: QuantSpec | None = None,
+    *,
+    keep_first_last_float: bool = False,
+) -> ResNet18:
+    """ResNet-18; see :class:`ResNet18`."""
+    return ResNet18(input_shape, num_classes, spec, bias_spec, keep_first_last_float=keep_first_last_float)
+
