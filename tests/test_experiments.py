@@ -211,3 +211,30 @@ def test_mcel_reproduction_plan_storages_and_stopping(tmp_path):
     twos = json.loads((tmp_path / "out" / "ce-4bit-s1" / "ber.json").read_text())
     assert twos["clean_accuracy"] == offset["clean_accuracy"] and rows[2]["config"]["seed"] == 1
     assert "3 to 8 paired patterns per BER" in res["markdown"]
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "train", "methods", "above"),
+    [
+        ("vgg3", {"channels": [8, 8], "hidden": 32}, {}, 2, 0.5),
+        # ResNet-20 learns slowly from scratch: CE only, a larger step, twice chance after one epoch
+        ("resnet20", {"widths": [4, 8, 8]}, {"lr": 1e-2, "batch_size": 32}, 1, 0.2),
+    ],
+)
+def test_cnn_presets_on_real_data(tmp_path, model, kwargs, train, methods, above):
+    """The convolutional path of the fast CNN presets on the real mnist5k data (narrow nets, 1 epoch)."""
+    from qmargin.experiments.mcel import PRESETS
+
+    real = PRESETS[f"fast-{model}"]
+    assert (real.dataset, real.model, real.bits, [m.name for m in real.methods]) == (
+        "mnist5k", model, (2, 4), ["CE", "MCEL"]
+    )
+    preset = Preset(
+        "mnist5k", model, epochs=1, bits=(4,), repeats=2, bers=(0.0, 0.05), methods=real.methods[:methods],
+        model_kwargs=kwargs, **train,
+    )  # fmt: skip
+    rows = run_mcel_reproduction(preset="cnn", preset_override=preset, out_dir=tmp_path)["summary"]["rows"]
+    assert [r["method"] for r in rows] == ["CE", "MCEL"][:methods]
+    for r in rows:
+        assert r["clean_accuracy"] > above  # learns the real data well above chance (0.1)
+        assert r["results"][1]["mean"] < r["clean_accuracy"]  # BER 5e-2 hurts

@@ -44,7 +44,7 @@ DEFAULT_BERS = (0.0, 0.001, 0.01, 0.05)
 QUANT = opt.Choice("sym", "asym")
 OPTIMIZER = opt.Choice("adam", "sgd")
 SCHEDULE = opt.Choice("none", "cosine", "step")
-MCEL_PRESETS = ("fast", "full", "fashion", "cifar10")
+MCEL_PRESETS = ("fast", "fast-vgg3", "fast-resnet20", "full", "fashion", "cifar10")
 MONDEQ_PRESETS = ("fast", "full", "conv")
 
 
@@ -1103,7 +1103,7 @@ def reproduce_mcel(
         str,
         typer.Option(
             click_type=opt.Choice(*MCEL_PRESETS),
-            help="fast (mnist5k, minutes on CPU) | full | fashion | cifar10",
+            help="fast (mnist5k MLP, minutes on CPU) | fast-vgg3 | fast-resnet20 | fashion | cifar10 | full",
         ),
     ] = "fast",
     out: Annotated[Path, typer.Option(help="Output directory (runs, results, plots).")] = Path(

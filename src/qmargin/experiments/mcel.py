@@ -9,6 +9,8 @@ Presets (``PRESETS``):
 * ``fast`` — mnist5k, MLP 784-256-256-10, Adam 1e-3, 30 epochs, 2/4/8 bits, 20 patterns; the
   symmetric max-scaled quantizer plus the asymmetric quantizer for CE and MCEL. Minutes on 2 CPU
   cores; its results are committed in ``docs/results/``.
+* ``fast-vgg3``, ``fast-resnet20`` — the convolutional path on real data: mnist5k, CE vs MCEL at 2
+  and 4 bits, 10 epochs, 20 patterns.
 * ``fashion`` — Fashion-MNIST (files in ``--data-dir``, e.g. Debian's ``/usr/share/datasets/fashion-mnist``),
   VGG3, Adam 1e-3, 5 epochs (about 20 minutes per model on one core); the paper's grid (issue 9):
   CE, MCEL, MHL, RandBET, CE + clipping, MCEL + clipping at 2 and 4 bits, a second training seed for
@@ -135,6 +137,22 @@ PRESETS: dict[str, Preset] = {
         min_patterns=20,
         description="Fashion-MNIST (60,000 / 10,000), VGG3, Adam 1e-3, batch 128, 5 epochs; at least 20 "
         "and up to 50 paired patterns per BER on the 10,000 test images (until the 95% CI is ±0.5 points)",
+    ),
+    "fast-vgg3": Preset(
+        "mnist5k",
+        "vgg3",
+        10,
+        bits=(2, 4),
+        methods=METHODS[:2],
+        description="mnist5k, VGG3 (64-64 conv, fc 2048), Adam 1e-3, 10 epochs, CE vs MCEL, 20 patterns",
+    ),
+    "fast-resnet20": Preset(
+        "mnist5k",
+        "resnet20",
+        10,
+        bits=(2, 4),
+        methods=METHODS[:2],
+        description="mnist5k, ResNet-20, Adam 1e-3, 10 epochs, CE vs MCEL, 20 patterns",
     ),
     "cifar10": Preset(
         "cifar10",

@@ -213,10 +213,11 @@ def _build_resnet20(
     spec: QuantSpec | None,
     bias_spec: QuantSpec | None = None,
     shortcut: str = "A",
+    widths: Sequence[int] = (16, 32, 64),
     keep_first_last_float: bool = False,
 ) -> nn.Module:
     return resnet20(
-        num_classes, input_shape[0], spec, bias_spec, shortcut=shortcut,
+        num_classes, input_shape[0], spec, bias_spec, shortcut=shortcut, widths=widths,
         keep_first_last_float=keep_first_last_float,
     )
 

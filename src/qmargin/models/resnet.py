@@ -158,12 +158,13 @@ def resnet20(
     bias_spec: QuantSpec | None = None,
     *,
     shortcut: str = "A",
+    widths: Sequence[int] = (16, 32, 64),
     keep_first_last_float: bool = False,
 ) -> CifarResNet:
     """ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels); see :class:`CifarResNet`."""
     return CifarResNet(
         num_classes, in_channels, spec, bias_spec,
-        blocks_per_stage=3, shortcut=shortcut, keep_first_last_float=keep_first_last_float,
+        blocks_per_stage=3, widths=widths, shortcut=shortcut, keep_first_last_float=keep_first_last_float,
     )
 
 
