@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -12,3 +13,13 @@ torch.set_num_threads(1)
 # failure found once is found again.
 settings.register_profile("qmargin", derandomize=True)
 settings.load_profile("qmargin")
+
+
+@pytest.fixture(autouse=True)
+def _no_system_datasets(request, monkeypatch):
+    """Tests see no system-wide dataset copies (Debian's /usr/share/datasets/...), so a missing file
+    stays missing on any machine; a test that wants them is marked ``system_data``."""
+    if request.node.get_closest_marker("system_data") is None:
+        import qmargin.data.registry as registry
+
+        monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", {})

@@ -1200,13 +1200,33 @@ def reproduce_mondeq(
 
 
 @app.command()
-def datasets() -> None:
-    """List the datasets and where their files go."""
+def datasets(
+    data_dir: Annotated[Path | None, typer.Option(help="Also look here first (as --data-dir does).")] = None,
+) -> None:
+    """List the datasets: shape, split, and where their files were found (or how to get them)."""
+    from rich.table import Table
+
     from qmargin.experiments.runs import list_datasets  # lazy: torch
 
-    for info in list_datasets():
+    table = Table(title="datasets", title_justify="left")
+    for col in ("name", "shape", "classes", "train / test", "found"):
+        table.add_column(col, overflow="fold")
+    missing = []
+    for info in list_datasets(locate=True, data_dir=data_dir):
+        loc = info["location"]
         shape = "x".join(map(str, info["input_shape"]))
-        console.print(f"{info['name']:<14} {shape:<8} {info['num_classes']} classes")
+        split = f"{info['num_train']:,} / {info['num_test']:,}" if info["num_train"] else "-"
+        if loc["found"]:
+            where = (
+                "inside its Python package" if loc["rule"] == "package" else f"{loc['path']} ({loc['rule']})"
+            )
+        else:
+            where = "no"
+            missing.append(str(loc["error"]))
+        table.add_row(info["name"], shape, str(info["num_classes"]), split, where)
+    console.print(table)
+    for line in missing:
+        console.print(line, soft_wrap=True)
 
 
 def _dump(obj) -> str:

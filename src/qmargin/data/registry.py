@@ -36,6 +36,10 @@ __all__ = [
     "default_data_dir",
     "normalize",
     "missing_files_error",
+    "MissingDataError",
+    "SYSTEM_DATA_DIRS",
+    "SystemLocation",
+    "data_dir_candidates",
 ]
 
 DATA_ENV = "QMARGIN_DATA"
@@ -185,6 +189,46 @@ def dataset_info(name: str) -> DatasetInfo:
     return dataset_entry(name)[0]
 
 
+class SystemLocation(NamedTuple):
+    """A directory where a system package installs a dataset's files: the package's name and the
+    command that installs it."""
+
+    path: str
+    package: str
+    install: str
+
+
+SYSTEM_DATA_DIRS: dict[str, tuple[SystemLocation, ...]] = {
+    "fashion-mnist": (
+        SystemLocation(
+            "/usr/share/datasets/fashion-mnist",
+            "Debian package dataset-fashion-mnist",
+            "apt-get install dataset-fashion-mnist",
+        ),
+    ),
+}
+"""Where system packages put a dataset's files (read in place, looked at after ``--data-dir`` and
+``$QMARGIN_DATA`` / the cache). One line adds another packaged dataset."""
+
+
+def data_dir_candidates(name: str, data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """The directories ``load_dataset`` looks in for ``name``'s files, in order, with the rule that
+    names each: ``--data-dir`` (when given), then ``$QMARGIN_DATA`` (when set) or the cache
+    ``~/.cache/qmargin/data``, then the system locations of :data:`SYSTEM_DATA_DIRS`."""
+    out: list[tuple[str, Path]] = []
+    if data_dir is not None:
+        out.append(("--data-dir", Path(data_dir).expanduser()))
+    out.append(("$QMARGIN_DATA" if os.environ.get(DATA_ENV) else "cache", default_data_dir()))
+    out += [(f"system: {loc.package}", Path(loc.path)) for loc in SYSTEM_DATA_DIRS.get(name, ())]
+    seen: set[Path] = set()
+    unique = []
+    for rule, path in out:
+        if path not in seen:
+            seen.add(path)
+            unique.append((rule, path))
+    return unique
+
+
 def default_data_dir() -> Path:
     """``$QMARGIN_DATA`` if set, else ``~/.cache/qmargin/data``."""
     env = os.environ.get(DATA_ENV)
@@ -201,15 +245,27 @@ def normalize(x: np.ndarray, info: DatasetInfo) -> np.ndarray:
     return x
 
 
-def missing_files_error(info: DatasetInfo, data_dir: Path, missing: list[str]) -> DataError:
-    """The `DataError` for absent files: says where to put them and how to download them."""
+class MissingDataError(DataError):
+    """A dataset's files are absent from a directory (``partial``: some of them are there)."""
+
+    def __init__(self, message: str, *, partial: bool) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+def missing_files_error(
+    info: DatasetInfo, data_dir: Path, missing: list[str], *, expected: int | None = None
+) -> MissingDataError:
+    """The `DataError` for absent files: says where to put them and how to download them.
+    ``expected``: how many files the dataset has (``len(missing) < expected``: a partial set)."""
     if data_dir.exists() and not data_dir.is_dir():
         where = f"data directory {data_dir} is not a directory"
     elif not data_dir.is_dir():
         where = f"data directory {data_dir} does not exist"
     else:
         where = f"missing in {data_dir}: {', '.join(missing)}"
-    return DataError(
+    return MissingDataError(
         f"{info.name}: {where}; put the files in {data_dir} (layout: {info.layout}), "
-        f"or download them with --download (download=True)"
+        f"or download them with --download (download=True)",
+        partial=expected is not None and len(missing) < expected,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmargin.data import Dataset, available_datasets, dataset_info, load_dataset
+from qmargin.data import Dataset, available_datasets, dataset_info, load_dataset, locate_dataset
 from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.experiments.campaign import run_ber_campaign
 from qmargin.models import check_model_kwargs, hidden_kwargs
@@ -89,6 +89,14 @@ def train_and_stress(
     return Stressed(result, campaign)
 
 
-def list_datasets() -> list[dict[str, Any]]:
-    """Every registered dataset as its plain ``DatasetInfo.to_dict()``, sorted by name."""
-    return [dataset_info(name).to_dict() for name in available_datasets()]
+def list_datasets(*, locate: bool = False, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every registered dataset as its plain ``DatasetInfo.to_dict()``, sorted by name; with
+    ``locate``, each also under ``"location"``: where its files were found or why not
+    (:func:`qmargin.data.locate_dataset`)."""
+    out = []
+    for name in available_datasets():
+        d = dataset_info(name).to_dict()
+        if locate:
+            d["location"] = locate_dataset(name, data_dir)
+        out.append(d)
+    return out
