@@ -24,6 +24,7 @@ bit 0 = LSB; ``int8`` codes are two's complement (``b = 1``: sign code, word 1 =
 ``uint8`` codes unsigned.
 """
 
+from qmargin.faults.ecc import SECDED, decode_errors, secded_layout
 from qmargin.faults.error_model import BitErrorModel, ErrorModel, ErrorModelTemplate, FaultModel
 from qmargin.faults.functional import (
     BitSites,
@@ -54,6 +55,9 @@ from qmargin.faults.selection import WEIGHT_TENSORS, Selection
 from qmargin.quant.codes import bit_differences, exposed_positions, from_words, popcount, to_words
 
 __all__ = [
+    "SECDED",
+    "secded_layout",
+    "decode_errors",
     "BitErrorModel",
     "FaultModel",
     "ErrorModel",
