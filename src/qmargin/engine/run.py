@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 import qmargin
-from qmargin.engine.cells import evaluate_pass, prepared, reports_convergence
+from qmargin.engine.cells import CellOutcome, PassResult, evaluate_pass, prepared, reports_convergence
 from qmargin.engine.evaluation import Evaluation, hash_tensor
 from qmargin.engine.executors import CellJob, Executor, make_executor
-from qmargin.engine.grid import Grid, check_positive_int
+from qmargin.engine.grid import Grid, check_positive_int, with_ber
 from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS, StoppingRule
 from qmargin.engine.store import (
     CampaignState,
@@ -288,11 +289,19 @@ def run_campaign(
         done = state.done
         # Rounds: without a stopping rule one round holds every pending cell; with one, each round
         # holds the cells up to the next checkpoint of every BER still running (store.CampaignState).
+        # A cell whose error model cannot change a bit (BER 0 of a plain grid) is the clean pass: its
+        # outcome is the clean one, exactly, without a pass over the data.
+        null_bers = {b for b in grid.bers if getattr(with_ber(template, b), "is_null", False)}
         while cells := [grid.cell(k, r) for k, r in state.pending()]:  # BER-major: a sequential order
-            if not started:
+            clean_like = [c for c in cells if c.ber in null_bers]
+            cells = [c for c in cells if c.ber not in null_bers]
+            if not started and cells:
                 executor.start(job)
                 started = True
-            for outcome in executor.map(cells):
+            outcomes = itertools.chain(
+                (_clean_outcome(c, state, n_test) for c in clean_like), executor.map(cells) if cells else ()
+            )
+            for outcome in outcomes:
                 if outcome.result.n != n_test:
                     raise DataError(
                         f"the data changed between passes: {n_test} samples, then {outcome.result.n}"
@@ -310,6 +319,13 @@ def run_campaign(
             write_text_atomic(path, dumps(result))
             write_text_atomic(campaign_csv_path(path), csv_text(result))
         return result
+
+
+def _clean_outcome(cell: Any, state: CampaignState, n_test: int) -> CellOutcome:
+    """The outcome of a cell that cannot change a bit: the clean value (and failures) as recorded."""
+    assert state.clean_value is not None
+    failures = state.clean_failures if state.clean_failures is not None else 0
+    return CellOutcome(cell, PassResult(state.clean_value, 1, int(failures), int(n_test)))
 
 
 def _check_shard(shard: Any, cells: int) -> tuple[int, int] | None:
