@@ -189,3 +189,4 @@ def paired_difference(
         "ci_low": None if ci is None else ci[0],
         "ci_high": None if ci is None else ci[1],
     }
+

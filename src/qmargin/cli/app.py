@@ -1083,13 +1083,7 @@ def certify(
             check_output(out, inputs=run_input_files(checkpoint), what="--out")
             outputs.enter_context(lock_output(out))
         result = certify_checkpoint(
-            checkpoint,
-            bits=bit_list,
-            per_channel=per_channel,
-            m=m,
-            ber=ber,
-            patterns=patterns,
-            seed=seed,
+            checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed,
             samples=samples,
         )
         title = f"{checkpoint}: quantization certificates"
@@ -1164,12 +1158,7 @@ def reproduce_mcel_ablation(
     log = _logger(quiet)
     with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
         result = run_mcel_ablation(
-            out_dir=out,
-            seeds=seed_list,
-            epochs=epochs,
-            repeats=repeats,
-            results_dir=results_dir,
-            log=log,
+            out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log,
             progress=progress,
         )
     print(result["markdown"])

@@ -278,16 +278,8 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
                 storage, saturate = word_format(error_model, stored.storage, stored.saturate, stored.signed)
                 report.tensors.append(
                     _corrupt_tensor(
-                        stored.codes,
-                        stored.bits,
-                        name,
-                        tensor,
-                        error_model.selection.protected_bits,
-                        kinds,
-                        seed,
-                        token.patches,
-                        storage=storage,
-                        saturate=saturate,
+                        stored.codes, stored.bits, name, tensor, error_model.selection.protected_bits,
+                        kinds, seed, token.patches, storage=storage, saturate=saturate,
                     )
                 )
         yield report

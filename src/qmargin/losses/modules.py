@@ -65,14 +65,8 @@ class MCELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return mcel_loss(
-            logits,
-            target,
-            margin=self.margin,
-            bound=self.bound,
-            logit_scale=self.logit_scale,
-            weight=self.weight,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
+            logits, target, margin=self.margin, bound=self.bound, logit_scale=self.logit_scale,
+            weight=self.weight, reduction=self.reduction, label_smoothing=self.label_smoothing,
         )
 
     def extra_repr(self) -> str:

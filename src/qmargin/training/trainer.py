@@ -380,16 +380,10 @@ def train(
     n = int(x_train.shape[0])
     steps_per_epoch = len(_batches(torch.arange(n), cfg.batch_size))
     if progress is not None and state.epoch < cfg.epochs:
-        progress(
-            state.epoch + 1,
-            state.global_step,
-            {
-                "event": "start",
-                "epochs": cfg.epochs,
-                "steps_per_epoch": steps_per_epoch,
-                "resumed_epoch": resumed_epoch,
-            },
-        )
+        progress(state.epoch + 1, state.global_step, {
+            "event": "start", "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch,
+            "resumed_epoch": resumed_epoch,
+        })
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -425,11 +419,8 @@ def train(
                 loss_err_sum += loss_err.double() * bs
             if progress is not None:
                 step_metrics = {
-                    "event": "step",
-                    "batch": b,
-                    "steps_per_epoch": steps_per_epoch,
-                    "loss": float(loss),
-                    "acc": float(batch_correct) / bs,
+                    "event": "step", "batch": b, "steps_per_epoch": steps_per_epoch,
+                    "loss": float(loss), "acc": float(batch_correct) / bs,
                 }
                 if loss_err is not None:
                     step_metrics["loss_err"] = float(loss_err)
@@ -488,27 +479,16 @@ def _finish(
     for name in (CHECKPOINT_FILE, STATE_FILE):
         (run_dir / name).unlink(missing_ok=True)
     return TrainResult(
-        run_dir=run_dir,
-        config=cfg,
-        model=model,
-        history=history,
-        test_acc=float(metrics["test_acc"]),
-        train_time_s=metrics["train_time_s"],
-        metrics=metrics,
-        resumed_epoch=resumed_epoch,
+        run_dir=run_dir, config=cfg, model=model, history=history, test_acc=float(metrics["test_acc"]),
+        train_time_s=metrics["train_time_s"], metrics=metrics, resumed_epoch=resumed_epoch,
     )
 
 
 def _stored_result(run_dir: Path, device: torch.device) -> TrainResult:
     model, cfg, metrics = load_run(run_dir, device=device)  # metrics validated by load_run
     return TrainResult(
-        run_dir=run_dir,
-        config=cfg,
-        model=model,
-        history=list(metrics["history"]),
+        run_dir=run_dir, config=cfg, model=model, history=list(metrics["history"]),
         test_acc=float(metrics["test_acc"]),
         train_time_s=float(metrics["train_time_s"]),
-        metrics=metrics,
-        resumed_epoch=int(metrics.get("resumed_epoch", 0)),
-        skipped=True,
+        metrics=metrics, resumed_epoch=int(metrics.get("resumed_epoch", 0)), skipped=True,
     )
