@@ -174,15 +174,15 @@ def test_resume_and_shards_give_the_sequential_result(mlp, tmp_path: Path):
     setup = _setup(mlp, P)
     full = _run(mlp, setup)
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def stop_after_3(p) -> None:
         if p.done == 3:
-            raise Stop
+            raise StopError
 
     out = tmp_path / "r.json"
-    with pytest.raises(Stop):
+    with pytest.raises(StopError):
         _run(mlp, setup, out=out, progress=stop_after_3)
     assert load_campaign(out)["status"] == "partial"
     assert _no_timing(_run(mlp, setup, out=out)) == _no_timing(full)
