@@ -821,6 +821,8 @@ def _activation_note(result: dict) -> None:
         errs = "activation BER = the grid's BER, no weight errors"
     elif ber == "grid":
         errs = "weights and activations both at the grid's BER"
+    elif not ber:
+        errs = "no activation errors, weights at the grid's BER"
     else:
         errs = f"activation BER {ber:g} in every pattern, weights at the grid's BER"
     console.print(
