@@ -322,3 +322,18 @@ def test_two_ray_workers_give_the_sequential_result(mlp):
     seq = _run(mlp, setup)
     par = _run(mlp, setup, workers=2)
     assert _no_timing(par) == _no_timing(seq)
+
+
+def test_cli_own_model_calibrates_on_test_batches(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+    )
+    args = ["evaluate", "--model", "net.py:make", "--data", "digits", "--out", "r.json", "--ber", "0,0.01"]
+    args += ["--repeats", "2", "--batch-size", "100", "--no-plot", "-q", "--act-bits", "8", "--act-only"]
+    assert _exit_code([*args, "--act-calibration-batches", "2"]) == 0
+    assert "the first 2 batches of the test data digits" in capsys.readouterr().out
+    act = json.loads((tmp_path / "r.json").read_text())["activations"]
+    assert act["layers"] == ["1", "3"] and act["calibration"]["samples"] == 200
+    assert act["batch_size"] == 100 and act["weight_errors"] is False and act["ber"] == "grid"
