@@ -539,7 +539,7 @@ def evaluate(
     ] = None,
     act_bits: opt.ActBits = None,
     act_calibration: opt.ActCalibration = "minmax",
-    act_calibration_batches: opt.ActCalibrationBatches = 4,
+    act_calibration_batches: opt.ActCalibrationBatches = opt.ACT_CALIBRATION_BATCHES,
     act_ber: opt.ActBer = None,
     act_ber_follows: opt.ActBerFollows = False,
     act_only: opt.ActOnly = False,

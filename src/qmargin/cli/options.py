@@ -91,6 +91,7 @@ __all__ = [
     "ActBerFollows",
     "ActOnly",
     "activation_options",
+    "ACT_CALIBRATION_BATCHES",
     "Floats",
     "Ints",
     "ShardPair",
@@ -508,6 +509,10 @@ BER = Real(0.0, 1.0)
 
 # -- activation errors (qmargin evaluate) ---------------------------------------------------------
 
+ACT_CALIBRATION_BATCHES = 4
+"""Default of ``--act-calibration-batches`` (``qmargin.experiments.evaluate.DEFAULT_CALIBRATION_BATCHES``;
+a test checks that the two agree: this module may not import torch)."""
+
 ActBits = Annotated[
     int | None,
     typer.Option(
@@ -559,7 +564,7 @@ def activation_options(
     only: bool,
     *,
     calibration_default: str = "minmax",
-    batches_default: int = 4,
+    batches_default: int = ACT_CALIBRATION_BATCHES,
 ) -> dict[str, Any] | None:
     """The ``--act-*`` flags as the keywords of ``qmargin.experiments.evaluate.ActivationOptions``
     (``None`` without ``--act-bits``), or a one-line ``ConfigError`` (exit 2) for a combination that

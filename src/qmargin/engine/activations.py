@@ -153,6 +153,8 @@ class ActivationSetup:
         if method not in CALIBRATION_METHODS:
             raise ConfigError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
         q = ActivationQuantizers(model, spec, list(layers) if layers is not None else None)
+        if method == "percentile" and percentile is None:
+            percentile = 99.99
         samples = 0
 
         def counted() -> Iterator[Tensor]:
@@ -162,7 +164,7 @@ class ActivationSetup:
                 yield x
 
         try:
-            q.calibrate(counted(), method, 99.99 if percentile is None else percentile)
+            q.calibrate(counted(), method, 99.99 if percentile is None else float(percentile))
         finally:
             q.remove()
         ranges = {n: (float(q.scale[n]), int(q.zero_point[n])) for n in q.layers}
