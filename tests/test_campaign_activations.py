@@ -264,6 +264,17 @@ def _exit_code(args: list[str]) -> int:
         return int(exc.code or 0)
 
 
+def test_cli_defaults_are_the_librarys():
+    import inspect
+
+    from qmargin.cli.app import evaluate
+    from qmargin.experiments.evaluate import DEFAULT_CALIBRATION_BATCHES
+
+    params = inspect.signature(evaluate).parameters
+    assert params["act_calibration_batches"].default == DEFAULT_CALIBRATION_BATCHES
+    assert opt.ACT_CALIBRATION_BATCHES == DEFAULT_CALIBRATION_BATCHES
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -277,17 +288,6 @@ def _exit_code(args: list[str]) -> int:
         (["--act-bits", "8", "--act-calibration", "percentile:40"], "--act-calibration"),
     ],
 )
-def test_cli_defaults_are_the_librarys():
-    import inspect
-
-    from qmargin.cli.app import evaluate
-    from qmargin.experiments.evaluate import DEFAULT_CALIBRATION_BATCHES
-
-    params = inspect.signature(evaluate).parameters
-    assert params["act_calibration_batches"].default == DEFAULT_CALIBRATION_BATCHES
-    assert opt.ACT_CALIBRATION_BATCHES == DEFAULT_CALIBRATION_BATCHES
-
-
 def test_cli_mistakes_are_one_line_exit_2(run_dir: Path, tmp_path: Path, capsys, extra, needle):
     args = ["evaluate", str(run_dir), "--ber", "0,0.01", "--repeats", "2", "--out", str(tmp_path / "r.json")]
     assert _exit_code([*args, "--no-plot", "-q", *extra]) == 2
