@@ -161,7 +161,7 @@ def run_campaign(
         overwrite: discard an existing ``out_path`` whose settings differ instead of raising.
         patterns_per_pass: evaluate up to this many patterns of one BER per pass over the data
             (``torch.func.vmap`` over stacked codes; memory grows by this factor); ignored (1) when
-            failures are counted.
+            failures are counted or with ``activations``.
         weights: the record of the weights file the model was loaded from, stored as ``"weights"``.
         workers: evaluate the cells on this many Ray workers (a local Ray instance started and shut
             down here, unless Ray is already initialized); ``None``: in this process, without Ray.
