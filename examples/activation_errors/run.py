@@ -6,6 +6,9 @@ Activation quantizers on the outputs of every quantized layer, calibrated (min/m
 training images; batch size 250 (activation errors are seeded per batch: results depend on it).
 Pattern r uses seed r for both kinds of errors (their streams differ). Prints mean accuracy and the
 95% CI over patterns (qmargin.stats.mean_confidence_interval).
+
+The same as a resumable, paired campaign (JSON + CSV, workers, shards):
+``qmargin evaluate RUN_DIR --act-bits 8 [--act-ber P | --act-ber-follows | --act-only]`` (README).
 """
 
 from __future__ import annotations

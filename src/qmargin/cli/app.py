@@ -540,6 +540,12 @@ def evaluate(
             help="--ci-halfwidth: patterns per BER before the rule may stop it (default 5).",
         ),
     ] = None,
+    act_bits: opt.ActBits = None,
+    act_calibration: opt.ActCalibration = "minmax",
+    act_calibration_batches: opt.ActCalibrationBatches = opt.ACT_CALIBRATION_BATCHES,
+    act_ber: opt.ActBer = None,
+    act_ber_follows: opt.ActBerFollows = False,
+    act_only: opt.ActOnly = False,
 ) -> None:
     """Accuracy under random bit errors: BER grid x seeded patterns (resumable).
 
@@ -557,6 +563,13 @@ def evaluate(
         "ci_halfwidth": ci_halfwidth,
         **({} if min_patterns is None else {"min_patterns": min_patterns}),
     }
+    act = opt.activation_options(
+        act_bits, act_calibration, act_calibration_batches, act_ber, act_ber_follows, act_only
+    )
+    if act is not None:
+        from qmargin.experiments.evaluate import ActivationOptions  # lazy: torch
+
+        distribute["activations"] = ActivationOptions(**act)
     if min_patterns is not None and ci_halfwidth is None:
         raise ConfigError("--min-patterns is for --ci-halfwidth")
     layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip())
@@ -674,6 +687,7 @@ def evaluate(
             + ", ".join(parts)
         )
     _shard_note(result)
+    _activation_note(result)
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(run.name, result)], png, title=f"{run.name}")
@@ -779,6 +793,7 @@ def _evaluate_model(
     n = result.get("evaluation", {}).get("n_test", "?")
     console.print(ber_table(result, title=f"{data}: {n} samples, {_metric_label(result)}"))
     _shard_note(result)
+    _activation_note(result)
     if plot:
         png = out.with_suffix(".png")
         plot_accuracy_vs_ber([(out.stem, result)], png, title=f"{model} on {data}")
@@ -795,6 +810,30 @@ def _shard_note(result: dict) -> None:
             f"shard {shard['index']}/{shard['count']}: {result['timing']['patterns_done']} cells; when every "
             "shard is done: qmargin merge SHARD.json... --out FILE.json"
         )
+
+
+def _activation_note(result: dict) -> None:
+    """Under the table of a campaign with activation errors: the buffers, their calibration, the BERs."""
+    act = result.get("activations")
+    if not isinstance(act, dict):
+        return
+    cal = act.get("calibration", {})
+    how = cal.get("method") if cal.get("method") != "percentile" else f"percentile {cal.get('percentile'):g}"
+    ber = act.get("ber")
+    if not act.get("weight_errors", True):
+        errs = "activation BER = the grid's BER, no weight errors"
+    elif ber == "grid":
+        errs = "weights and activations both at the grid's BER"
+    elif not ber:
+        errs = "no activation errors, weights at the grid's BER"
+    else:
+        errs = f"activation BER {ber:g} in every pattern, weights at the grid's BER"
+    console.print(
+        f"activations: {act['bits']}-bit codes of {len(act['layers'])} layer(s) "
+        f"({', '.join(act['layers'])}), "
+        f"calibrated {how} on {cal.get('source')}; {errs}; "
+        f"batch size {act.get('batch_size')} (errors drawn per batch)"
+    )
 
 
 def _patterns_label(result: dict, repeats: int) -> str:
@@ -1083,7 +1122,13 @@ def certify(
             check_output(out, inputs=run_input_files(checkpoint), what="--out")
             outputs.enter_context(lock_output(out))
         result = certify_checkpoint(
-            checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed,
+            checkpoint,
+            bits=bit_list,
+            per_channel=per_channel,
+            m=m,
+            ber=ber,
+            patterns=patterns,
+            seed=seed,
             samples=samples,
         )
         title = f"{checkpoint}: quantization certificates"
@@ -1158,7 +1203,12 @@ def reproduce_mcel_ablation(
     log = _logger(quiet)
     with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
         result = run_mcel_ablation(
-            out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log,
+            out_dir=out,
+            seeds=seed_list,
+            epochs=epochs,
+            repeats=repeats,
+            results_dir=results_dir,
+            log=log,
             progress=progress,
         )
     print(result["markdown"])

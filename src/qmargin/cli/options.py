@@ -47,7 +47,12 @@ Types:
   no spaces), :class:`Text` (non-blank free text such as glob patterns);
 * :class:`Reals` / :class:`Integers`: comma-separated lists of the above (returned as lists);
 * :class:`KeyValue`: ``key=value`` (repeatable options);
-* :class:`Shard`: ``I/N`` with ``1 <= I <= N <= MAX_SHARDS`` (``--shard``), returned as ``(I, N)``.
+* :class:`Shard`: ``I/N`` with ``1 <= I <= N <= MAX_SHARDS`` (``--shard``), returned as ``(I, N)``;
+* :class:`Calibration`: ``minmax`` or ``percentile:Q`` with ``Q`` in (50, 100] (``--act-calibration``).
+
+The activation-error options of ``evaluate`` (``--act-bits`` ...) are declared here once
+(:data:`ActBits` and the other ``Act*`` annotations) and checked together by
+:func:`activation_options`, so the command's body stays short.
 
 A new kind of value gets a new :class:`QmarginType` subclass here, with its invalid values in
 ``invalid_examples`` (the flag test feeds them to every option of that type).
@@ -58,9 +63,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import click
+import typer
+
+from qmargin.errors import ConfigError
 
 __all__ = [
     "QmarginType",
@@ -75,6 +83,15 @@ __all__ = [
     "Integers",
     "KeyValue",
     "Shard",
+    "Calibration",
+    "ActBits",
+    "ActCalibration",
+    "ActCalibrationBatches",
+    "ActBer",
+    "ActBerFollows",
+    "ActOnly",
+    "activation_options",
+    "ACT_CALIBRATION_BATCHES",
     "Floats",
     "Ints",
     "ShardPair",
@@ -395,6 +412,42 @@ class Shard(QmarginType):
         ]
 
 
+class Calibration(QmarginType):
+    """``minmax`` | ``percentile:Q`` (``Q`` in (50, 100], e.g. 99.9): how activation ranges are
+    calibrated; returned normalised (``"percentile:99.9"``)."""
+
+    name = "minmax or percentile:Q with Q in (50, 100]"
+    metavar = "minmax|percentile:Q"
+
+    def parse(self, text: str) -> str:
+        t = text.strip().lower()
+        if t == "minmax":
+            return t
+        method, sep, arg = t.partition(":")
+        if method == "percentile" and sep:
+            try:
+                q = float(arg)
+            except ValueError:
+                q = math.nan
+            if math.isfinite(q) and 50.0 < q <= 100.0:
+                return f"percentile:{q:g}"
+            raise ValueError(f"percentile:Q needs Q in (50, 100], got {arg.strip()!r}")
+        raise ValueError(f"{text!r} is not minmax or percentile:Q (e.g. percentile:99.9)")
+
+    def invalid_examples(self) -> list[str]:
+        return [
+            *super().invalid_examples(),
+            "mse",
+            "percentile",
+            "percentile:",
+            "percentile:50",
+            "percentile:101",
+            "percentile:nan",
+            "percentile:abc",
+            "minmax:1",
+        ]
+
+
 # -- lists --------------------------------------------------------------------------------------
 
 
@@ -452,3 +505,94 @@ TRAIN_DEVICE = Device(indexed=False)
 """``train`` stores its device in the run's config, which names ``auto``, ``cpu`` or ``cuda``."""
 NAME = Name()
 BER = Real(0.0, 1.0)
+
+
+# -- activation errors (qmargin evaluate) ---------------------------------------------------------
+
+ACT_CALIBRATION_BATCHES = 4
+"""Default of ``--act-calibration-batches`` (``qmargin.experiments.evaluate.DEFAULT_CALIBRATION_BATCHES``;
+a test checks that the two agree: this module may not import torch)."""
+
+ActBits = Annotated[
+    int | None,
+    typer.Option(
+        click_type=Integer(2, 8),
+        help="Quantize the outputs of the selected quantized layers (activation buffers) to B-bit "
+        "codes (symmetric, per tensor) and hit them with bit errors too (--act-ber, --act-ber-follows, "
+        "--act-only). Results then depend on --batch-size (errors are drawn per batch).",
+    ),
+]
+ActCalibration = Annotated[
+    str,
+    typer.Option(
+        click_type=Calibration(),
+        help="--act-bits: activation ranges from minmax or percentile:Q (e.g. percentile:99.9).",
+    ),
+]
+ActCalibrationBatches = Annotated[
+    int,
+    typer.Option(
+        click_type=Integer(1, MAX_REPEATS),
+        help="--act-bits: calibrate on N batches of --batch-size: the start of the training split for "
+        "a run directory, the first N test batches for --model.",
+    ),
+]
+ActBer = Annotated[
+    float | None,
+    typer.Option(
+        click_type=Real(0.0, 1.0),
+        help="--act-bits: activation BER P in every pattern while --ber sweeps the weights (default 0: "
+        "quantized activations without errors).",
+    ),
+]
+ActBerFollows = Annotated[
+    bool,
+    typer.Option(help="--act-bits: activations take the --ber grid's BER too (both swept by one grid)."),
+]
+ActOnly = Annotated[
+    bool,
+    typer.Option(help="--act-bits: the --ber grid hits the activations only; weights stay clean."),
+]
+
+
+def activation_options(
+    bits: int | None,
+    calibration: str,
+    calibration_batches: int,
+    ber: float | None,
+    follows: bool,
+    only: bool,
+    *,
+    calibration_default: str = "minmax",
+    batches_default: int = ACT_CALIBRATION_BATCHES,
+) -> dict[str, Any] | None:
+    """The ``--act-*`` flags as the keywords of ``qmargin.experiments.evaluate.ActivationOptions``
+    (``None`` without ``--act-bits``), or a one-line ``ConfigError`` (exit 2) for a combination that
+    means nothing."""
+    if bits is None:
+        given = [
+            flag
+            for flag, on in (
+                ("--act-ber", ber is not None),
+                ("--act-ber-follows", follows),
+                ("--act-only", only),
+                ("--act-calibration", calibration != calibration_default),
+                ("--act-calibration-batches", calibration_batches != batches_default),
+            )
+            if on
+        ]
+        if given:
+            raise ConfigError(f"{given[0]} needs --act-bits B (the activation codes to corrupt)")
+        return None
+    if ber is not None and (follows or only):
+        other = "--act-ber-follows" if follows else "--act-only"
+        raise ConfigError(
+            f"--act-ber P fixes the activation BER; {other} takes it from the --ber grid: give one"
+        )
+    return {
+        "bits": bits,
+        "calibration": calibration,
+        "calibration_batches": calibration_batches,
+        "ber": None if (follows or only) else (0.0 if ber is None else ber),
+        "only": only,
+    }

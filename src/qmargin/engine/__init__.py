@@ -4,6 +4,7 @@ model with an evaluation (data + metric) and kept in a resumable store.
 * :mod:`~qmargin.engine.grid`: the cells and the seed scheme ``s_r = base_seed + r``;
 * :mod:`~qmargin.engine.metrics`: top-1, top-k, cross-entropy, user ``(sum, count)`` callables;
 * :mod:`~qmargin.engine.evaluation`: streamed data (any iterable of batches, a DataLoader) + metric;
+* :mod:`~qmargin.engine.activations`: quantized activation buffers with bit errors in campaigns;
 * :mod:`~qmargin.engine.cells`: one cell evaluated (pure; cells run in any order or place);
 * :mod:`~qmargin.engine.executors`: where cells run (this process, or Ray workers; Ray imported
   only by :class:`~qmargin.engine.executors.RayExecutor`);
@@ -12,6 +13,7 @@ model with an evaluation (data + metric) and kept in a resumable store.
 * :mod:`~qmargin.engine.run`: :func:`run_campaign` and the one-call :func:`stress`.
 """
 
+from qmargin.engine.activations import ActivationSetup
 from qmargin.engine.cells import CellOutcome, PassResult, evaluate_cell
 from qmargin.engine.evaluation import Evaluation
 from qmargin.engine.grid import MAX_REPEATS, Cell, Grid
@@ -22,6 +24,7 @@ from qmargin.engine.store import CampaignState, campaign_csv_path, load_campaign
 __all__ = [
     "stress",
     "run_campaign",
+    "ActivationSetup",
     "Evaluation",
     "Metric",
     "MetricError",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qmargin.engine.activations import ActivationSetup, cell_errors
 from qmargin.engine.evaluation import Evaluation, StreamHash, batch_size_of, call_model
 from qmargin.engine.grid import Cell, with_ber
 from qmargin.engine.metrics import MetricError, batch_sum_count
@@ -37,6 +38,7 @@ __all__ = [
     "reports_convergence",
     "evaluate_pass",
     "evaluate_cell",
+    "evaluate_clean",
     "evaluate_cells_stacked",
     "code_buffers",
 ]
@@ -163,15 +165,43 @@ def evaluate_pass(
 
 
 def evaluate_cell(
-    model: nn.Module, evaluation: Evaluation, template: Any, cell: Cell, *, count_failures: bool
+    model: nn.Module,
+    evaluation: Evaluation,
+    template: Any,
+    cell: Cell,
+    *,
+    count_failures: bool,
+    activations: ActivationSetup | None = None,
 ) -> CellOutcome:
     """Inject the cell's pattern (``with_ber(template, cell.ber)``, seed ``cell.seed``) into the
-    prepared ``model``, evaluate one pass, restore the codes exactly."""
+    prepared ``model``, evaluate one pass, restore the codes exactly. With ``activations``: the
+    quantized activation buffers too, their errors seeded ``cell.seed`` per layer and batch
+    (:func:`qmargin.engine.activations.cell_errors`)."""
     from qmargin.faults import inject  # looked up per call: tests substitute qmargin.faults.inject
 
+    if activations is not None:
+        with cell_errors(model, template, activations, cell.ber, cell.seed):
+            res = evaluate_pass(model, evaluation, count_failures=count_failures)
+        return CellOutcome(cell, res)
     with inject(model, with_ber(template, cell.ber), cell.seed):
         res = evaluate_pass(model, evaluation, count_failures=count_failures)
     return CellOutcome(cell, res)
+
+
+def evaluate_clean(
+    model: nn.Module,
+    evaluation: Evaluation,
+    *,
+    count_failures: bool,
+    fingerprint: bool = False,
+    activations: ActivationSetup | None = None,
+) -> PassResult:
+    """The clean pass: :func:`evaluate_pass` without errors (with ``activations``: on the quantized
+    activation buffers, uncorrupted)."""
+    if activations is None:
+        return evaluate_pass(model, evaluation, count_failures=count_failures, fingerprint=fingerprint)
+    with activations.installed(model):
+        return evaluate_pass(model, evaluation, count_failures=count_failures, fingerprint=fingerprint)
 
 
 def code_buffers(model: nn.Module) -> dict[str, Tensor]:

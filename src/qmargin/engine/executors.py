@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from qmargin.engine.activations import ActivationSetup
 from qmargin.engine.cells import CellOutcome, evaluate_cell, evaluate_cells_stacked, prepared
 from qmargin.engine.evaluation import Evaluation
 from qmargin.engine.grid import Cell, check_positive_int
@@ -63,14 +64,16 @@ class WorkerError(UserError):
 @dataclass(frozen=True)
 class CellJob:
     """What every cell of a campaign shares: the model (prepared by the caller), the evaluation, the
-    error-model template, whether non-converged samples are counted and how many patterns of one BER
-    share a pass over the data."""
+    error-model template, whether non-converged samples are counted, how many patterns of one BER
+    share a pass over the data and the activation buffers (:mod:`qmargin.engine.activations`; plain
+    data, installed on the model for one pass at a time)."""
 
     model: nn.Module
     evaluation: Evaluation
     template: Any
     count_failures: bool
     patterns_per_pass: int = 1
+    activations: ActivationSetup | None = None
 
 
 def chunk_cells(cells: Sequence[Cell], patterns_per_pass: int) -> list[list[Cell]]:
@@ -89,9 +92,16 @@ def evaluate_chunk(job: CellJob, cells: Sequence[Cell]) -> list[CellOutcome]:
     """The outcomes of one chunk on the prepared ``job.model``: one cell per pass
     (:func:`~qmargin.engine.cells.evaluate_cell`), or the chunk stacked into one vmapped pass when
     ``patterns_per_pass > 1`` (:func:`~qmargin.engine.cells.evaluate_cells_stacked`)."""
-    if job.patterns_per_pass == 1:
+    if job.patterns_per_pass == 1 or job.activations is not None:
         return [
-            evaluate_cell(job.model, job.evaluation, job.template, c, count_failures=job.count_failures)
+            evaluate_cell(
+                job.model,
+                job.evaluation,
+                job.template,
+                c,
+                count_failures=job.count_failures,
+                activations=job.activations,
+            )
             for c in cells
         ]
     return evaluate_cells_stacked(job.model, job.evaluation, job.template, cells)
@@ -140,9 +150,16 @@ class _CellWorker:
     travel with every call as two ids, nested in a list so that Ray does not resolve them): once per
     actor, and once more after a restart."""
 
-    def __init__(self, template: Any, count_failures: bool, patterns_per_pass: int, threads: int) -> None:
+    def __init__(
+        self,
+        template: Any,
+        count_failures: bool,
+        patterns_per_pass: int,
+        threads: int,
+        activations: ActivationSetup | None = None,
+    ) -> None:
         torch.set_num_threads(threads)
-        self._params = (template, count_failures, patterns_per_pass)
+        self._params = (template, count_failures, patterns_per_pass, activations)
         self._job: CellJob | None = None
         self._stack = contextlib.ExitStack()
         self._loads = 0
@@ -159,9 +176,9 @@ class _CellWorker:
                     f"a worker could not load the model or the data ({_first_line(err)}); install "
                     "qmargin and the modules your model and data need on every node"
                 ) from None
-            template, count_failures, per_pass = self._params
+            template, count_failures, per_pass, activations = self._params
             self._stack.enter_context(prepared(model, evaluation.device, template))
-            self._job = CellJob(model, evaluation, template, count_failures, per_pass)
+            self._job = CellJob(model, evaluation, template, count_failures, per_pass, activations)
             self._loads += 1
         return self._job
 
@@ -272,7 +289,8 @@ class RayExecutor:
             _CellWorker
         )
         self._actors = [
-            actor.remote(job.template, job.count_failures, job.patterns_per_pass, 1) for _ in range(n)
+            actor.remote(job.template, job.count_failures, job.patterns_per_pass, 1, job.activations)
+            for _ in range(n)
         ]
         # each actor loads the model and data now (not waited for: the caller's clean pass runs
         # meanwhile); a failure to load surfaces with the first chunk

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 import qmargin
-from qmargin.engine.cells import CellOutcome, PassResult, evaluate_pass, prepared, reports_convergence
+from qmargin.engine.activations import ActivationSetup, is_null_cell
+from qmargin.engine.cells import CellOutcome, PassResult, evaluate_clean, prepared, reports_convergence
 from qmargin.engine.evaluation import Evaluation, hash_tensor
 from qmargin.engine.executors import CellJob, Executor, make_executor
 from qmargin.engine.grid import Grid, check_positive_int, with_ber
@@ -135,6 +136,7 @@ def run_campaign(
     executor: Executor | None = None,
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
+    activations: ActivationSetup | None = None,
 ) -> dict[str, Any]:
     """A campaign of ``model`` on ``evaluation`` over the grid ``bers`` x ``repeats`` patterns.
 
@@ -159,7 +161,7 @@ def run_campaign(
         overwrite: discard an existing ``out_path`` whose settings differ instead of raising.
         patterns_per_pass: evaluate up to this many patterns of one BER per pass over the data
             (``torch.func.vmap`` over stacked codes; memory grows by this factor); ignored (1) when
-            failures are counted.
+            failures are counted or with ``activations``.
         weights: the record of the weights file the model was loaded from, stored as ``"weights"``.
         workers: evaluate the cells on this many Ray workers (a local Ray instance started and shut
             down here, unless Ray is already initialized); ``None``: in this process, without Ray.
@@ -178,6 +180,12 @@ def run_campaign(
             ``patterns_per_pass`` per BER (the cells of a round go to the executor together). The
             result is the same on any executor and after a resume. Not with ``shard``.
         min_patterns: the minimum number of patterns per BER before the rule may stop it (>= 2).
+        activations: quantized activation buffers with bit errors
+            (:class:`~qmargin.engine.activations.ActivationSetup`: calibrated ranges and the
+            activation BER of a cell, fixed or the grid's). Each cell injects its activation errors
+            with its own seed, fresh per batch; the clean value is measured on the quantized
+            activations; ``patterns_per_pass`` is 1. Recorded as the setting ``activations``
+            (with the batch size: results depend on it).
 
     Returns the result dict (the JSON content, :mod:`qmargin.engine.store`).
     """
@@ -204,10 +212,19 @@ def run_campaign(
             "the error model template fixes both p01 and p10, so the BER grid would change nothing"
         )
     cfg = jsonable(config or {})
+    if activations is not None:
+        if not isinstance(activations, ActivationSetup):
+            raise ConfigError(f"activations must be an ActivationSetup, got {type(activations).__name__}")
+        for b in grid.bers:  # every activation error model the cells will use is valid (nested, rates)
+            with_ber(template, activations.act_ber(b))
     with prepared(model, evaluation.device, template) as foreign, contextlib.closing(executor):
-        select_tensors(model, template)  # fail fast when the template selects no stored tensor
-        if foreign:
-            patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only
+        if activations is None or activations.weights:
+            select_tensors(model, template)  # fail fast when the template selects no stored tensor
+        if activations is not None:
+            with activations.installed(model):  # fail fast when its layers are not the model's
+                pass
+        if foreign or activations is not None:
+            patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only; no hooks
         if count_failures is None:
             count_failures = reports_convergence(model, evaluation)
         em_dict = dict(template.to_dict())
@@ -240,6 +257,11 @@ def run_campaign(
             settings["weights"] = dict(weights)
         if ci_halfwidth is not None:
             settings["stopping"] = StoppingRule(ci_halfwidth, min_patterns, per_pass).to_dict()
+        if activations is not None:
+            act = activations.to_dict(getattr(getattr(template, "selection", None), "protected_bits", ()))
+            if evaluation.in_memory:
+                act["batch_size"] = evaluation.batch_size
+            settings["activations"] = jsonable(act, "activation settings")
         path = Path(out_path) if out_path is not None else None
         old = _stored(path, overwrite)
         pending = ([] if known else ["fingerprint.data_sha256"]) + ([] if n_known else ["evaluation.n_test"])
@@ -258,7 +280,7 @@ def run_campaign(
                 old = None
         state = CampaignState(grid, settings, shard=shard)
         t_start = time.perf_counter()
-        job = CellJob(model, evaluation, template, bool(count_failures), per_pass)
+        job = CellJob(model, evaluation, template, bool(count_failures), per_pass, activations)
         started = old is None  # every cell is pending: workers start while the clean pass runs here
         if started:
             executor.start(job)
@@ -267,7 +289,13 @@ def run_campaign(
             return time.perf_counter() - t_start
 
         if old is None or pending:
-            clean = evaluate_pass(model, evaluation, count_failures=count_failures, fingerprint=known is None)
+            clean = evaluate_clean(
+                model,
+                evaluation,
+                count_failures=count_failures,
+                fingerprint=known is None,
+                activations=activations,
+            )
             if known is None:
                 fingerprint["data_sha256"] = clean.data_sha256
             if n_known is None:
@@ -291,7 +319,7 @@ def run_campaign(
         # holds the cells up to the next checkpoint of every BER still running (store.CampaignState).
         # A cell whose error model cannot change a bit (BER 0 of a plain grid) is the clean pass: its
         # outcome is the clean one, exactly, without a pass over the data.
-        null_bers = {b for b in grid.bers if getattr(with_ber(template, b), "is_null", False)}
+        null_bers = {b for b in grid.bers if is_null_cell(template, activations, b)}
         while cells := [grid.cell(k, r) for k, r in state.pending()]:  # BER-major: a sequential order
             clean_like = [c for c in cells if c.ber in null_bers]
             cells = [c for c in cells if c.ber not in null_bers]
@@ -395,6 +423,7 @@ def stress(
     shard: tuple[int, int] | None = None,
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
+    activations: ActivationSetup | None = None,
 ) -> dict[str, Any]:
     """Stress-test a quantized ``model`` under random bit errors: the one call for the common case.
 
@@ -407,7 +436,9 @@ def stress(
     (``pip install 'qmargin[ray]'``; the data must be picklable), ``ray_address``: on a cluster,
     ``shard=(I, N)``: one shard. ``ci_halfwidth=h``: at each BER stop adding patterns once the 95%
     confidence interval of the mean is at most ``h`` wide on each side (metric units: 0.005 = half a
-    point of accuracy), ``repeats`` the cap. Everything else as :func:`run_campaign`.
+    point of accuracy), ``repeats`` the cap. ``activations``: quantized activation buffers with bit
+    errors (:class:`qmargin.engine.activations.ActivationSetup`). Everything else as
+    :func:`run_campaign`.
 
     Returns the result dict: ``clean_accuracy`` and per BER ``accuracies`` (top-1) or
     ``clean_value`` / ``values`` (other metrics) with ``mean``/``std``/``min``/``max``, the
@@ -432,4 +463,5 @@ def stress(
         shard=shard,
         ci_halfwidth=ci_halfwidth,
         min_patterns=min_patterns,
+        activations=activations,
     )

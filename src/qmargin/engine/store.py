@@ -64,8 +64,10 @@ __all__ = [
     "shard_label",
 ]
 
-SCHEMA_VERSION = 3
-"""3: optional ``stopping`` (sequential stopping, :mod:`qmargin.engine.stopping`); 2: ``metric``."""
+SCHEMA_VERSION = 4
+"""4: optional ``activations`` (activation bit errors, :mod:`qmargin.engine.activations`); 3: optional
+``stopping`` (sequential stopping, :mod:`qmargin.engine.stopping`); 2: ``metric``. Files of versions
+1 to 3 load (:func:`upgrade`) and resume: they had no activation errors."""
 
 #: Keys of a campaign result that must match for a rerun to resume an existing file.
 SETTINGS_KEYS = (
@@ -80,8 +82,10 @@ SETTINGS_KEYS = (
     "metric",
     "qmargin_version",
     "stopping",
+    "activations",
 )
-"""(``stopping`` only in results of campaigns with a stopping rule.)"""
+"""(``stopping`` only in results of campaigns with a stopping rule, ``activations`` only in those
+with quantized activation buffers.)"""
 
 #: Settings only known after a pass over streamed data (compared once the clean pass has run).
 DATA_DERIVED = (
@@ -134,7 +138,7 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     if version == SCHEMA_VERSION:
         return data
     out = dict(data)
-    if version == 2:
+    if version in (2, 3):
         out["schema_version"] = SCHEMA_VERSION
         return out
     out.setdefault("metric", dict(TOP1))
@@ -168,7 +172,9 @@ def load_campaign(path: str | Path) -> dict[str, Any]:
 def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
     """Check a campaign result (``ber.json``) against its own settings; return it unchanged.
 
-    ``schema_version`` 1 (absent) or 2; ``repeats`` in ``[1, MAX_REPEATS]`` and
+    ``schema_version`` 1 (absent) to :data:`SCHEMA_VERSION`; ``activations`` (version 4) a mapping
+    with ``bits`` in 2..8, ``layers`` and ``ber`` (a rate or ``"grid"``); ``repeats`` in
+    ``[1, MAX_REPEATS]`` and
     ``seeds == base_seed + r``; one ``results`` entry per grid BER (same order); per BER at most
     ``repeats`` values (exactly ``repeats`` when ``status`` is ``"complete"``); fractions (top-1,
     top-k) in ``[0, 1]``, other metrics finite; ``mean``/``std``/``min``/``max`` present exactly
@@ -177,7 +183,7 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
     """
     req_dict(where, data, "campaign result")
     version = data.get("schema_version", 1)
-    if version not in (1, 2, SCHEMA_VERSION):
+    if version not in (1, 2, 3, SCHEMA_VERSION):
         raise invalid(
             where, f"schema_version {version!r} is not one this qmargin reads (1 to {SCHEMA_VERSION})"
         )
@@ -209,6 +215,8 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         raise invalid(where, "evaluation.count_failures is set but clean_failures is missing")
     if "clean_failures" in data:
         req_int(where, data["clean_failures"], "clean_failures", lo=0, hi=n_test)
+    if "activations" in data:
+        _valid_activations(where, data["activations"], version)
     shard = _valid_shard(where, data.get("shard"), len(grid) * repeats)
     rule = _valid_stopping(where, data, shard)
     results = req_list(where, data.get("results"), "results", length=len(grid))
@@ -228,8 +236,9 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
                 raise invalid(where, f"{name}: a result with a stopping rule holds a prefix of patterns")
             if status == "complete" and rule.stop_point(values, repeats) != len(values):
                 raise invalid(
-                    where, f"{name} has {len(values)} {key}; its stopping rule stops at "
-                    f"{rule.stop_point(values, repeats)}"
+                    where,
+                    f"{name} has {len(values)} {key}; its stopping rule stops at "
+                    f"{rule.stop_point(values, repeats)}",
                 )
         _valid_patterns(
             where, entry, name, len(vals), repeats, i, shard, complete=status == "complete" and rule is None
@@ -257,6 +266,22 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
         if "seconds" in timing:
             req_float(where, timing["seconds"], "timing.seconds", lo=0.0)
     return data
+
+
+def _valid_activations(where: str | Path, act: Any, version: Any) -> None:
+    """The ``activations`` settings of a version-4 result: bits, layers and the activation BER."""
+    if version != SCHEMA_VERSION:
+        raise invalid(
+            where, f"activations appear in schema_version {SCHEMA_VERSION} results, not {version!r}"
+        )
+    req_dict(where, act, "activations")
+    req_int(where, act.get("bits"), "activations.bits", lo=2, hi=8)
+    layers = req_list(where, act.get("layers"), "activations.layers")
+    if not layers or not all(isinstance(n, str) for n in layers):
+        raise invalid(where, "activations.layers must be a non-empty list of layer names")
+    ber = act.get("ber")
+    if ber != "grid":
+        req_float(where, ber, "activations.ber", lo=0.0, hi=1.0)
 
 
 def _valid_stopping(where: str | Path, data: Mapping[str, Any], shard: Any) -> StoppingRule | None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.engine import CampaignProgress, Evaluation, run_campaign
+from qmargin.engine.activations import ActivationSetup
 from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.engine.store import (
     SETTINGS_KEYS,
@@ -95,6 +96,7 @@ def run_ber_campaign(
     shard: tuple[int, int] | None = None,
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
+    activations: ActivationSetup | None = None,
 ) -> dict[str, Any]:
     """Accuracy (or ``metric``) of a quantized model under random bit errors on the test tensors
     ``x_test``, ``y_test`` (batches of ``batch_size`` on ``device``); every other argument as
@@ -120,6 +122,7 @@ def run_ber_campaign(
         shard=shard,
         ci_halfwidth=ci_halfwidth,
         min_patterns=min_patterns,
+        activations=activations,
     )
 
 

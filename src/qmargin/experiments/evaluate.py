@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmargin.data import dataset_info, load_dataset
 from qmargin.data.specs import load_object
+from qmargin.engine.activations import ActivationSetup, activation_layers, parse_calibration
 from qmargin.engine.metrics import Metric, resolve_metric
 from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign, weights_record
 from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
 from qmargin.files import check_outputs, holds_lock
+from qmargin.quant import QuantSpec
 from qmargin.training import load_run, resolve_device
 from qmargin.training.checkpoint import CONFIG_FILE, INTEGER_FILE, METRICS_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from qmargin.training import TrainConfig
 
@@ -30,7 +33,82 @@ __all__ = [
     "DEFAULT_PTQ_BITS",
     "metric_from_spec",
     "halfwidth_in_metric_units",
+    "ActivationOptions",
+    "activation_setup",
+    "DEFAULT_CALIBRATION_BATCHES",
 ]
+
+DEFAULT_CALIBRATION_BATCHES = 4
+"""Batches of the evaluation batch size that calibrate activation ranges (``--act-calibration-batches``)."""
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """``--act-bits`` and friends: quantized activation buffers with bit errors in a campaign.
+
+    ``bits``: activation codes (2..8, symmetric two's complement, per tensor), the outputs of the
+    quantized layers ``--layers`` selects; ``calibration``: ``"minmax"`` or ``"percentile:Q"``;
+    ``calibration_batches``: how many batches of the evaluation batch size calibrate the ranges (of
+    the training data for a run directory, of the test data for ``--model``); ``ber``: a fixed
+    activation BER in every cell (``--act-ber``; 0: no activation errors), ``None`` for the grid's
+    BER (``--act-ber-follows``); ``only``: activation errors only, at the grid's BER, weights clean
+    (``--act-only``). Semantics: :mod:`qmargin.engine.activations`.
+    """
+
+    bits: int
+    calibration: str = "minmax"
+    calibration_batches: int = DEFAULT_CALIBRATION_BATCHES
+    ber: float | None = 0.0
+    only: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"--act-bits must be in 2..8, got {self.bits!r}")
+        parse_calibration(self.calibration)
+        cb = self.calibration_batches
+        if isinstance(cb, bool) or not isinstance(cb, int) or cb < 1:
+            raise ConfigError(f"--act-calibration-batches must be a positive integer, got {cb!r}")
+        if self.only and self.ber is not None:
+            raise ConfigError("--act-only takes the activation BER from the --ber grid; drop --act-ber")
+
+
+def activation_setup(
+    model: nn.Module,
+    options: ActivationOptions | None,
+    inputs: Iterable[Tensor],
+    *,
+    source: str,
+    batch_size: int | None,
+    layers: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+) -> ActivationSetup | None:
+    """Calibrate the activation buffers of ``model`` (the outputs of its quantized layers matching
+    ``layers`` and not ``exclude``) on the input batches ``inputs`` (``source`` says what they are;
+    at most ``options.calibration_batches`` are used); ``None`` without options."""
+    if options is None:
+        return None
+    names = activation_layers(model, layers, exclude)
+    method, q = parse_calibration(options.calibration)
+
+    def first() -> Iterable[Tensor]:
+        for i, x in enumerate(inputs):
+            if i >= options.calibration_batches:
+                return
+            yield x
+
+    return ActivationSetup.calibrate(
+        model,
+        QuantSpec(options.bits),
+        first(),
+        layers=names,
+        method=method,
+        percentile=q,
+        source=source,
+        ber=None if options.only else options.ber,
+        weights=not options.only,
+        batch_size=batch_size,
+    )
+
 
 DEFAULT_PTQ_BITS = 8
 """Bit width a float run (``--bits 32``) is quantized to before a campaign, unless told otherwise."""
@@ -137,6 +215,7 @@ def evaluate_run(
     shard: tuple[int, int] | None = None,
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
+    activations: ActivationOptions | None = None,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -153,7 +232,10 @@ def evaluate_run(
     :func:`metric_from_spec` (a name or ``pkg.module:name``). ``workers`` / ``ray_address`` /
     ``shard``: where the cells run and which; ``ci_halfwidth`` / ``min_patterns``: sequential
     stopping (:func:`qmargin.engine.run_campaign`), the half-width as shown
-    (:func:`halfwidth_in_metric_units`: percentage points for the accuracies).
+    (:func:`halfwidth_in_metric_units`: percentage points for the accuracies). ``activations``:
+    quantized activation buffers with bit errors (:class:`ActivationOptions`), calibrated on the
+    first ``calibration_batches * batch_size`` samples of the run's *training* split (recorded as
+    ``activations.calibration.source``).
     """
     if out_path is not None:
         check_outputs(
@@ -173,6 +255,19 @@ def evaluate_run(
             f"{run_dir}: a {config.bits}-bit run is evaluated on its stored codes; --bits is for float runs"
         )
     data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
+    setup = None
+    if activations is not None:
+        model.eval()
+        n_cal = min(int(data.x_train.shape[0]), activations.calibration_batches * batch_size)
+        x_cal = data.x_train[:n_cal]
+        setup = activation_setup(
+            model,
+            activations,
+            (b.to(dev) for b in x_cal.split(batch_size)),
+            source=f"the first {n_cal} samples of the {config.dataset} training split",
+            batch_size=batch_size,
+            layers=layers,
+        )
     template = error_model_for(
         protected_bits=protected_bits,
         layers=layers,
@@ -203,6 +298,7 @@ def evaluate_run(
         shard=shard,
         ci_halfwidth=halfwidth_in_metric_units(ci_halfwidth, resolved),
         min_patterns=min_patterns,
+        activations=setup,
     )
 
 

@@ -41,6 +41,8 @@ from qmargin.errors import CheckpointError, ConfigError, DataError
 from qmargin.experiments.campaign import weights_record
 from qmargin.experiments.evaluate import (
     DEFAULT_PTQ_BITS,
+    ActivationOptions,
+    activation_setup,
     error_model_for,
     halfwidth_in_metric_units,
     metric_from_spec,
@@ -328,6 +330,7 @@ def evaluate_external(
     shard: tuple[int, int] | None = None,
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
+    activations: ActivationOptions | None = None,
 ) -> dict[str, Any]:
     """Build, load, quantize and stress a user's model on a data spec (module docstring).
 
@@ -343,7 +346,10 @@ def evaluate_external(
     CLI prints the quantized layers). The result is the campaign dict of
     :func:`qmargin.engine.run_campaign`; its ``config`` holds the model spec, arguments, weights
     file, quantization, the layer table and the data
-    description.
+    description. ``activations``: quantized activation buffers with bit errors
+    (:class:`qmargin.experiments.evaluate.ActivationOptions`), calibrated on the first
+    ``calibration_batches`` batches of the *test* data (there is no other data here; recorded as
+    ``activations.calibration.source``).
     """
     check_outputs(
         {"result JSON": out_path, "CSV": Path(out_path).with_suffix(".csv")},
@@ -376,6 +382,18 @@ def evaluate_external(
         template = dataclasses.replace(template, exclude=tuple(quant.exclude))
     config = {**ext.config, "data": data_spec, "data_source": source.describe}
     evaluation = Evaluation(source.loader, resolved, identity=data_identity, device=dev)
+    setup = None
+    if activations is not None:
+        ext.model.to(dev).eval()
+        setup = activation_setup(
+            ext.model,
+            activations,
+            (b[0] for b in evaluation.batches()),
+            source=f"the first {activations.calibration_batches} batches of the test data {data_spec}",
+            batch_size=batch_size,
+            layers=layers,
+            exclude=tuple(quant.exclude) if ext.mode == "given" else (),
+        )
     return run_campaign(
         ext.model,
         evaluation,
@@ -394,4 +412,5 @@ def evaluate_external(
         shard=shard,
         ci_halfwidth=halfwidth_in_metric_units(ci_halfwidth, resolved),
         min_patterns=min_patterns,
+        activations=setup,
     )
