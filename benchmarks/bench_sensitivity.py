@@ -91,7 +91,7 @@ batch and only the rest of the network runs per pattern; without it every patter
 4-bit MLP 784-256-256-10 and 4-bit VGG3 (conv64-pool-conv64-pool-fc2048-fc10), random init, synthetic
 1x28x28 inputs, BER {args.ber:g}, {args.patterns} patterns per cell, batch {args.batch}, the clean pass and
 the full-model cell included in both times. Both modes run in one process, interleaved, median of
-{args.repeats}; every cell's per-pattern values are identical with and without reuse (asserted).
+{args.repeats} repetition(s) (`--repeats`); every cell's per-pattern values are identical with and without reuse (asserted).
 
 Machine: {machine_description()}.
 
@@ -104,6 +104,8 @@ OMP_NUM_THREADS=1 python benchmarks/bench_sensitivity.py
 {chr(10).join(rows)}
 
 {chr(10).join(details)}
+* Times are wall-clock on a shared machine: a full-pass cell costs the same for every layer in principle, so
+  the spread of the full-pass column above is timing noise from other load.
 * What reuse saves is the prefix: nothing for the first layer, most of the network for the last ones. The
   cost per layer L goes from N·R·(prefix + suffix) to N·(prefix + R·suffix); the full-model cell and the
   clean pass are the same in both modes. The cache holds the activations at the cut for a group of
