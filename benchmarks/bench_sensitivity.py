@@ -91,7 +91,8 @@ batch and only the rest of the network runs per pattern; without it every patter
 4-bit MLP 784-256-256-10 and 4-bit VGG3 (conv64-pool-conv64-pool-fc2048-fc10), random init, synthetic
 1x28x28 inputs, BER {args.ber:g}, {args.patterns} patterns per cell, batch {args.batch}, the clean pass and
 the full-model cell included in both times. Both modes run in one process, interleaved, median of
-{args.repeats} repetition(s) (`--repeats`); every cell's per-pattern values are identical with and without reuse (asserted).
+{args.repeats} repetition(s) (`--repeats`); every cell's per-pattern values are identical with and
+without reuse (asserted).
 
 Machine: {machine_description()}.
 
