@@ -1283,5 +1283,184 @@ def datasets(
         console.print(line, soft_wrap=True)
 
 
+@app.command()
+def sensitivity(
+    run_or_model: Annotated[
+        str | None,
+        typer.Argument(
+            click_type=opt.Text(),
+            help="A run directory of 'qmargin train', or your model pkg.module:factory / file.py:factory.",
+        ),
+    ] = None,
+    ber: Annotated[
+        float | None,
+        typer.Option(click_type=opt.Real(0.0, 1.0, lo_open=True), help="The bit error rate P, in (0, 1]."),
+    ] = None,
+    by: Annotated[
+        str, typer.Option(click_type=opt.Choice("layer", "bit", "layer-bit"), help="layer | bit | layer-bit")
+    ] = "layer",
+    patterns: Annotated[
+        int, typer.Option(click_type=opt.REPEATS, help="Paired error patterns per cell (seeds S, S+1, ...).")
+    ] = 10,
+    seed: Annotated[int, typer.Option(click_type=opt.SEED, help="Base seed: pattern r uses seed + r.")] = 100,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Result JSON (CSV and PNG beside it). Default: RUN/sensitivity.json."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(click_type=opt.Text(), help="Your model (instead of RUN_OR_MODEL).")
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None, typer.Option(click_type=opt.KeyValue(), help="A factory argument key=value.")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="--model: weights, .safetensors or a .pt/.pth state dict.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(click_type=opt.Text(), help="--model: test data spec (as for 'qmargin evaluate')."),
+    ] = None,
+    layers: Annotated[
+        str, typer.Option(click_type=opt.Text(), help="Comma-separated glob patterns of layers to analyse.")
+    ] = "*",
+    exclude: Annotated[
+        str | None,
+        typer.Option(click_type=opt.Text(), help="--model: glob patterns of layers to leave alone."),
+    ] = None,
+    include_bias: Annotated[bool, typer.Option(help="Also hit biases stored as codes.")] = False,
+    bits: Annotated[
+        int | None,
+        typer.Option(click_type=opt.Integer(1, 8), help="Float runs / models: quantize to these bits first."),
+    ] = None,
+    quant: Annotated[str, typer.Option(click_type=QUANT, help="--model: sym | asym.")] = "sym",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="--model: one scale per output channel.")
+    ] = False,
+    metric: Annotated[
+        str, typer.Option(click_type=opt.Text(), help="top1 | topK | cross_entropy | pkg.module:name.")
+    ] = "top1",
+    data_identity: Annotated[
+        str | None, typer.Option(click_type=opt.Text(), help="--model: name the data instead of hashing it.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, opt.MAX_BATCH), help="Test samples per forward pass.")
+    ] = 1024,
+    reuse: Annotated[
+        bool,
+        typer.Option(help="Prefix reuse: clean activations before the first corrupted layer computed once."),
+    ] = True,
+    cache_mb: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, 1 << 20), help="Prefix cache budget in MiB.")
+    ] = 512,
+    device: Annotated[str, typer.Option(click_type=opt.DEVICE, help="auto | cpu | cuda[:N]")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
+    plot: Annotated[
+        bool, typer.Option(help="Also write a PNG (heat map or bar chart) beside the JSON.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Which layers / bit positions hurt: the metric drop at one BER with errors in one part only.
+
+    Per layer (errors in that layer only), per bit position (that bit only, every layer) or both;
+    each cell over the same paired patterns, with the mean drop and its 95% CI, and the full model
+    for reference. JSON + CSV + PNG (heat map for --by layer-bit).
+    """
+    if ber is None:
+        raise ConfigError("--ber P is required (a bit error rate in (0, 1])")
+    opt.check_seed_span(seed, patterns)
+    spec = model
+    run: Path | None = None
+    if run_or_model is not None:
+        if spec is not None:
+            raise ConfigError(f"give a run directory or model ({run_or_model}) or --model, not both")
+        if Path(run_or_model).is_dir():
+            run = Path(run_or_model)
+        elif ":" in run_or_model:
+            spec = run_or_model
+        else:
+            raise ConfigError(
+                f"{run_or_model} is neither a run directory nor a model spec "
+                "(pkg.module:factory, file.py:factory)"
+            )
+    layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip()) or ("*",)
+    common: dict[str, Any] = {
+        "ber": ber,
+        "by": by,
+        "patterns": patterns,
+        "base_seed": seed,
+        "include_bias": include_bias,
+        "batch_size": batch_size,
+        "device": device,
+        "data_dir": data_dir,
+        "metric": metric,
+        "reuse": reuse,
+        "cache_bytes": cache_mb * 2**20,
+        "plot": plot,
+    }
+    from qmargin.experiments.sensitivity import sensitivity_external, sensitivity_run  # lazy: torch
+    from qmargin.report.sensitivity import sensitivity_table  # lazy: matplotlib
+
+    with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
+        if spec is not None:
+            if data is None:
+                raise ConfigError(
+                    "--model needs --data (a dataset name, npz:FILE, folder:DIR or pkg.module:fn)"
+                )
+            if out is None:
+                raise ConfigError("a model spec needs --out FILE.json (where the result goes)")
+            from qmargin.experiments.external import QuantOptions  # lazy: torch
+
+            result = sensitivity_external(
+                spec,
+                data,
+                out_path=out,
+                model_args=_key_values("--model-arg", model_arg or []),
+                weights=weights,
+                data_identity=data_identity,
+                progress=progress,
+                quant=QuantOptions(
+                    bits=bits,
+                    symmetric=quant == "sym",
+                    per_channel=per_channel,
+                    layers=layer_patterns,
+                    exclude=tuple(p.strip() for p in (exclude or "").split(",") if p.strip()),
+                ),
+                **common,
+            )
+            name = spec
+        else:
+            if run is None:
+                raise ConfigError(
+                    "give a run directory of 'qmargin train', or a model spec with --data and --out"
+                )
+            for flag, on in (
+                ("--model-arg", bool(model_arg)),
+                ("--weights", weights is not None),
+                ("--data", data is not None),
+                ("--exclude", exclude is not None),
+                ("--quant", quant != "sym"),
+                ("--per-channel", per_channel),
+                ("--data-identity", data_identity is not None),
+            ):
+                if on:
+                    raise ConfigError(
+                        f"{flag} is for a model spec; a run directory brings its own model and data"
+                    )
+            out = out or run / "sensitivity.json"
+            result = sensitivity_run(
+                run, out_path=out, layers=layer_patterns, ptq_bits=bits, progress=progress, **common
+            )
+            name = str(run)
+    reuse_note = result["prefix_reuse"]
+    console.print(sensitivity_table(result, title=f"{name}: {_metric_label(result)} drop by {by}"))
+    console.print(
+        "prefix reuse: torch.fx, clean activations before the first corrupted layer computed once"
+        if reuse_note["used"]
+        else f"prefix reuse off: {reuse_note['reason']}"
+    )
+    files = [out, out.with_suffix(".csv")] + ([out.with_suffix(".png")] if plot else [])
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2)
