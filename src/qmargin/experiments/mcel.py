@@ -50,6 +50,7 @@ from qmargin.experiments.runs import (
 )
 from qmargin.files import copy_file_atomic, holds_lock, write_text_atomic
 from qmargin.report import mcel_markdown, plot_accuracy_vs_ber
+from qmargin.training.factory import resolve_device
 
 __all__ = ["Method", "Preset", "PRESETS", "METHODS", "MHL_BINARY", "run_mcel_reproduction"]
 
@@ -234,6 +235,7 @@ def run_mcel_reproduction(
     campaign_kw: dict[str, Any] = (
         {} if p.ci_halfwidth is None else {"ci_halfwidth": p.ci_halfwidth, "min_patterns": p.min_patterns}
     )
+    campaign_kw["device"] = str(resolve_device("auto"))  # campaigns where training ran (a GPU if any)
     summary: dict[str, Any] = {}
     md = ""
 
