@@ -47,7 +47,9 @@ Types:
   no spaces), :class:`Text` (non-blank free text such as glob patterns);
 * :class:`Reals` / :class:`Integers`: comma-separated lists of the above (returned as lists);
 * :class:`KeyValue`: ``key=value`` (repeatable options);
-* :class:`Shard`: ``I/N`` with ``1 <= I <= N <= MAX_SHARDS`` (``--shard``), returned as ``(I, N)``.
+* :class:`Shard`: ``I/N`` with ``1 <= I <= N <= MAX_SHARDS`` (``--shard``), returned as ``(I, N)``;
+* :class:`Protection`: a per-layer protection spec (``--protect``; :mod:`qmargin.faults.protection`),
+  returned as its canonical text.
 
 A new kind of value gets a new :class:`QmarginType` subclass here, with its invalid values in
 ``invalid_examples`` (the flag test feeds them to every option of that type).
@@ -75,6 +77,7 @@ __all__ = [
     "Integers",
     "KeyValue",
     "Shard",
+    "Protection",
     "Floats",
     "Ints",
     "ShardPair",
@@ -392,6 +395,35 @@ class Shard(QmarginType):
             "a/b",
             f"1/{MAX_SHARDS + 1}",
             "nan/4",
+        ]
+
+
+class Protection(QmarginType):
+    """A protection spec, ``[PATTERN=]SCHEME,...`` with SCHEME ``none | msbK | secdedK | secded(N,K) |
+    parity[K]`` (``:keep|zero|flag`` for secded / parity): :mod:`qmargin.faults.protection`, parsed
+    there (imported only when the flag is given: it loads torch) -> the canonical spec text."""
+
+    name = "protection spec"
+    metavar = "SPEC"
+
+    def parse(self, text: str) -> str:
+        from qmargin.faults.protection import ProtectionSpec  # lazy: torch
+
+        return ProtectionSpec.parse(text).text  # ConfigError is a ValueError: one line, exit 2
+
+    def invalid_examples(self) -> list[str]:
+        return [
+            *super().invalid_examples(),
+            "foo",
+            "msb0",
+            "msb9",
+            "secded(73,64)",
+            "parity:maybe",
+            "*=none,fc=msb1",
+            "fc=msb1,fc=none",
+            "fc=",
+            ",",
+            "none:flag",
         ]
 
 

@@ -181,7 +181,7 @@ def run_campaign(
 
     Returns the result dict (the JSON content, :mod:`qmargin.engine.store`).
     """
-    from qmargin.faults import BitErrorModel, select_tensors
+    from qmargin.faults import BitErrorModel, detects_errors, protection_summary, select_tensors
 
     if not isinstance(evaluation, Evaluation):
         raise ConfigError(f"evaluation must be a qmargin.engine.Evaluation, got {type(evaluation).__name__}")
@@ -206,6 +206,7 @@ def run_campaign(
     cfg = jsonable(config or {})
     with prepared(model, evaluation.device, template) as foreign, contextlib.closing(executor):
         select_tensors(model, template)  # fail fast when the template selects no stored tensor
+        protection = protection_summary(template, model)  # per-layer protection: plan and overhead
         if foreign:
             patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only
         if count_failures is None:
@@ -229,6 +230,7 @@ def run_campaign(
                 "n_test": n_known,
                 **evaluation.settings(),
                 "count_failures": bool(count_failures),
+                **({"count_dues": True} if detects_errors(template) else {}),
                 "patterns_per_pass": per_pass,
                 "seed_scheme": "pattern r uses seed base_seed + r at every BER",
                 "data_fingerprint": "identity" if evaluation.identity is not None else "sha256",
@@ -238,6 +240,8 @@ def run_campaign(
         }
         if weights is not None:
             settings["weights"] = dict(weights)
+        if protection is not None:
+            settings["protection"] = jsonable(protection, "protection plan")
         if ci_halfwidth is not None:
             settings["stopping"] = StoppingRule(ci_halfwidth, min_patterns, per_pass).to_dict()
         path = Path(out_path) if out_path is not None else None
