@@ -52,11 +52,12 @@ def show_protection(console: Console, result: dict[str, Any]) -> None:
         um = row.get("unflagged_mean")
         shown = "-" if um is None else (f"{100 * um:.2f}" if fraction else f"{um:.4g}")
         parts.append(
-            f"BER {row['ber']:g}: {_pct(row['flagged'])} flagged, {sum(dues) / len(dues):.2f} DUEs/pattern, "
-            f"unflagged mean {shown}"
+            f"  BER {row['ber']:g}: {_pct(row['flagged'])} of patterns flagged, "
+            f"{sum(dues) / len(dues):.2f} DUEs per pattern, mean over unflagged patterns {shown}"
         )
     if parts:
         console.print(
-            "detected uncorrectable errors (every inference reads every weight, so the share of "
-            "inferences flagged is the share of patterns): " + "; ".join(parts)
+            "detected uncorrectable errors (DUEs; every inference reads every weight, so the share of "
+            "inferences flagged is the share of patterns):\n" + "\n".join(parts),
+            soft_wrap=True,
         )
