@@ -18,7 +18,7 @@ from qmargin.engine.cells import CellOutcome
 from qmargin.engine.executors import SequentialExecutor
 from qmargin.engine.grid import Cell
 from qmargin.engine.stopping import StoppingRule
-from qmargin.engine.store import load_campaign, merge_results, validate_campaign
+from qmargin.engine.store import SCHEMA_VERSION, load_campaign, merge_results, validate_campaign
 from qmargin.errors import CheckpointError, ConfigError
 from qmargin.experiments.evaluate import halfwidth_in_metric_units, metric_from_spec
 from qmargin.quant import QuantSpec, quantize_model
@@ -190,7 +190,7 @@ def test_stopped_files_are_checked(digits_mlp, tmp_path: Path):
     path.write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="stopping rule stops at"):
         load_campaign(path)
-    assert load_campaign(tmp_path / "r.json")["schema_version"] == 3
+    assert load_campaign(tmp_path / "r.json")["schema_version"] == SCHEMA_VERSION  # 3 added stopping; later versions keep it
     with pytest.raises(ConfigError, match="stopping rule"):
         merge_results([("a", res)])
 

@@ -23,11 +23,12 @@ def show_protection(console: Console, result: dict[str, Any]) -> None:
     if isinstance(plan, dict):
         from rich.table import Table
 
-        table = Table(
-            title=f"protection {plan['spec']}: memory overhead {_pct(plan['overhead'])} "
+        console.print(
+            f"protection {plan['spec']}: memory overhead {_pct(plan['overhead'])} "
             f"({plan['extra_bits']} extra bits over {plan['data_bits']} data bits)",
-            title_justify="left",
+            soft_wrap=True,
         )
+        table = Table()
         for col in ("layer", "tensor", "rule", "scheme", "data bits", "extra bits", "overhead"):
             table.add_column(col, justify="right" if "bits" in col or col == "overhead" else "left")
         for e in plan["tensors"]:
