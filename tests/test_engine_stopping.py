@@ -190,7 +190,7 @@ def test_stopped_files_are_checked(digits_mlp, tmp_path: Path):
     path.write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="stopping rule stops at"):
         load_campaign(path)
-    assert load_campaign(tmp_path / "r.json")["schema_version"] == SCHEMA_VERSION  # 3 added stopping; later versions keep it
+    assert load_campaign(tmp_path / "r.json")["schema_version"] == SCHEMA_VERSION
     with pytest.raises(ConfigError, match="stopping rule"):
         merge_results([("a", res)])
 

@@ -373,3 +373,57 @@ def test_cli_protect_end_to_end_and_user_errors(tmp_path):
     assert plan["spec"] == "fc3=secded64:flag,*=msb1"
     assert {t["layer"]: t["scheme"] for t in plan["tensors"]}["fc3"] == "secded64:flag"
     assert 0 < plan["overhead"] < 0.125 and len(result["results"][1]["dues"]) == 2
+
+
+def test_cli_protect_with_a_users_model(tmp_path, monkeypatch, capsys):
+    """--model: the plan covers the model's quantized layers; a rule naming no layer is exit 2."""
+    from safetensors.torch import save_file
+
+    from external_helpers import import_file, write_cnn, write_test_set
+    from qmargin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cnn = write_cnn(tmp_path)
+    torch.manual_seed(3)
+    model = import_file(cnn).make_cnn()
+    write_test_set(tmp_path / "test.npz", model)
+    save_file(model.state_dict(), tmp_path / "cnn.safetensors")
+    base = [
+        "evaluate",
+        "--model",
+        "mycnn.py:make_cnn",
+        "--weights",
+        "cnn.safetensors",
+        "--data",
+        "npz:test.npz",
+        "--bits",
+        "4",
+        "--ber",
+        "0.02",
+        "--repeats",
+        "2",
+        "--no-plot",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        try:
+            code = main([*base, *extra])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, err = run("--protect", "0=secded32:zero,*=parity", "--out", "r.json")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "r.json").read_text())["protection"]
+    assert [(t["layer"], t["scheme"]) for t in plan["tensors"]] == [
+        ("0", "secded32:zero"),
+        ("4", "parity"),
+        ("8", "parity"),
+    ]
+    code, _, err = run("--protect", "fc*=msb1", "--out", "bad.json")
+    assert code == 2 and err.count("\n") == 1 and "matches no layer" in err
+    assert not (tmp_path / "bad.json").exists()
