@@ -427,3 +427,16 @@ def test_cli_protect_with_a_users_model(tmp_path, monkeypatch, capsys):
     code, _, err = run("--protect", "fc*=msb1", "--out", "bad.json")
     assert code == 2 and err.count("\n") == 1 and "matches no layer" in err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_activation_errors_refuse_a_per_layer_model():
+    from qmargin.faults.activations import inject_activations
+    from qmargin.quant.activations import ActivationQuantizers
+
+    m = _model()
+    q = ActivationQuantizers(m, QuantSpec(8))
+    with (
+        pytest.raises(ConfigError, match="per-layer"),
+        inject_activations(q, ProtectedErrorModel("secded64"), 0),
+    ):
+        pass
