@@ -296,10 +296,20 @@ def test_campaign_result_holds_the_plan_and_overhead(tmp_path):
 # -- the command line ------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "qmargin", *args], capture_output=True, text=True, timeout=300
-    )
+def _cli(*args: str, capsys: pytest.CaptureFixture[str] | None = None) -> subprocess.CompletedProcess:
+    """``qmargin ARGS``: in this process when ``capsys`` is given (fast), else as ``python -m qmargin``."""
+    if capsys is None:
+        return subprocess.run(
+            [sys.executable, "-m", "qmargin", *args], capture_output=True, text=True, timeout=300
+        )
+    from qmargin.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 def _one_line_exit_2(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -308,7 +318,7 @@ def _one_line_exit_2(proc: subprocess.CompletedProcess, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("qmargin: error: ") and needle in lines[0], proc.stderr
 
 
-def test_cli_protect_end_to_end_and_user_errors(tmp_path):
+def test_cli_protect_end_to_end_and_user_errors(tmp_path, capsys):
     run = tmp_path / "run"
     proc = _cli(
         "train",
@@ -327,10 +337,11 @@ def test_cli_protect_end_to_end_and_user_errors(tmp_path):
         "--quiet",
         "--device",
         "cpu",
+        capsys=capsys,
     )
     assert proc.returncode == 0, proc.stderr
-    _one_line_exit_2(_cli("evaluate", str(run), "--protect", "secded(73,64)"), "(72,64)")
-    _one_line_exit_2(_cli("evaluate", str(run), "--protect", "tmr3"), "--protect")
+    _one_line_exit_2(_cli("evaluate", str(run), "--protect", "secded(73,64)"), "(72,64)")  # python -m qmargin
+    _one_line_exit_2(_cli("evaluate", str(run), "--protect", "tmr3", capsys=capsys), "--protect")
     _one_line_exit_2(
         _cli(
             "evaluate",
@@ -343,11 +354,16 @@ def test_cli_protect_end_to_end_and_user_errors(tmp_path):
             "conv*=msb2",
             "--out",
             str(tmp_path / "x.json"),
+            capsys=capsys,
         ),
         "matches no layer",
     )
+    assert not (tmp_path / "x.json").exists()
     _one_line_exit_2(
-        _cli("evaluate", str(run), "--ber", "0.01", "--protect", "msb1", "--protected-bits", "3"), "not both"
+        _cli(
+            "evaluate", str(run), "--ber", "0.01", "--protect", "msb1", "--protected-bits", "3", capsys=capsys
+        ),
+        "not both",
     )
     out = tmp_path / "p.json"
     proc = _cli(
@@ -365,6 +381,7 @@ def test_cli_protect_end_to_end_and_user_errors(tmp_path):
         "cpu",
         "--out",
         str(out),
+        capsys=capsys,
     )
     assert proc.returncode == 0, proc.stderr
     assert "memory overhead" in proc.stdout and "of patterns flagged" in proc.stdout
