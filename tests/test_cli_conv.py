@@ -16,10 +16,23 @@ from qmargin.training import CONFIG_FILE
 
 
 def _train(run, *args: str) -> dict:
-    code = main([
-        "train", "--out", str(run), "--dataset", "digits", "--epochs", "1", "--quiet", "--device", "cpu",
-        "--hidden", "2", *args,
-    ])
+    code = main(
+        [
+            "train",
+            "--out",
+            str(run),
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--hidden",
+            "2",
+            *args,
+        ]
+    )
     assert code == 0
     return json.loads((run / CONFIG_FILE).read_text())["config"]
 
@@ -42,10 +55,23 @@ def test_conv_certified_qat_train_certify_evaluate(tmp_path, capsys):
     cfg = _train(run, "--model", "mondeq-conv", "--bits", "4", "--per-channel", "--certify")
     assert cfg["model"] == "mondeq-conv" and cfg["model_kwargs"] == {"channels": 2, "certify": True}
     out = tmp_path / "cert.json"
-    code = main([
-        "certify", str(run), "--bits", "3,4", "--per-channel", "--ber", "0.01", "--patterns", "3",
-        "--samples", "30", "--out", str(out),
-    ])
+    code = main(
+        [
+            "certify",
+            str(run),
+            "--bits",
+            "3,4",
+            "--per-channel",
+            "--ber",
+            "0.01",
+            "--patterns",
+            "3",
+            "--samples",
+            "30",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "exact per frequency: 40 blocks of 2x2" in text  # 8 x (8 // 2 + 1) rfft frequencies
@@ -77,8 +103,21 @@ def test_multitier_float_train_certify_and_ptq_evaluate(tmp_path, capsys):
     # tiers of 2 channels on 8 x 8 and 4 x 4: polyphase 2 * 4 + 2 = 10 channels on the 4 x 4 grid
     assert r8["block_size"] == 10 and r8["frequencies"] == 4 * 3 and r8["grid"] == [4, 4]
     assert r8["certified"] and r8["delta_w_norm"] < cert["results"][0]["delta_w_norm"]
-    code = main(["evaluate", str(run), "--ber", "0,0.01", "--repeats", "2", "--bits", "8", "--quiet",
-                 "--device", "cpu"])
+    code = main(
+        [
+            "evaluate",
+            str(run),
+            "--ber",
+            "0,0.01",
+            "--repeats",
+            "2",
+            "--bits",
+            "8",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = _check_campaign(run / "ber.json", certified=r8["certified"])
     assert result["config"]["ptq_bits"] == 8
@@ -92,8 +131,19 @@ def test_conv_cli_errors_are_one_line(tmp_path, capsys):
         main(["certify", str(run), "--samples", "0"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--out", str(tmp_path / "x"), "--model", "mondeq-conv", "--certify", "--bits", "32",
-              "--quiet"])
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "x"),
+                "--model",
+                "mondeq-conv",
+                "--certify",
+                "--bits",
+                "32",
+                "--quiet",
+            ]
+        )
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err and err[-1].startswith("qmargin: error: ") and "certify" in err[-1]

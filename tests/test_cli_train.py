@@ -12,10 +12,23 @@ from qmargin.training import CONFIG_FILE
 
 def _train(tmp_path, *args: str) -> dict:
     out = tmp_path / "run"
-    code = main([
-        "train", "--out", str(out), "--dataset", "digits", "--bits", "4", "--epochs", "1", "--quiet",
-        "--device", "cpu", *args,
-    ])
+    code = main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--dataset",
+            "digits",
+            "--bits",
+            "4",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--device",
+            "cpu",
+            *args,
+        ]
+    )
     assert code == 0
     return json.loads((out / CONFIG_FILE).read_text())["config"]
 
@@ -24,14 +37,33 @@ def _train(tmp_path, *args: str) -> dict:
     ("args", "loss", "loss_kwargs"),
     [
         (["--loss", "mcel"], "mcel", {"margin": 30.0, "bound": 30.0}),
-        (["--loss", "mcel", "--margin", "5", "--bound", "inf", "--logit-scale", "2",
-          "--label-smoothing", "0.1"],
-         "mcel", {"margin": 5.0, "bound": float("inf"), "logit_scale": 2.0, "label_smoothing": 0.1}),
+        (
+            [
+                "--loss",
+                "mcel",
+                "--margin",
+                "5",
+                "--bound",
+                "inf",
+                "--logit-scale",
+                "2",
+                "--label-smoothing",
+                "0.1",
+            ],
+            "mcel",
+            {"margin": 5.0, "bound": float("inf"), "logit_scale": 2.0, "label_smoothing": 0.1},
+        ),
         (["--loss", "mhl", "--hinge-b", "2"], "mhl", {"b": 2.0}),
-        (["--loss", "mcel", "--loss-arg", "margin=4", "--loss-arg", "bound=Infinity"],
-         "mcel", {"margin": 4, "bound": float("inf")}),
-        (["--loss", "ce", "--loss-arg", "weight=[1,1,1,1,1,1,1,1,1,2]"],
-         "ce", {"weight": [1, 1, 1, 1, 1, 1, 1, 1, 1, 2]}),
+        (
+            ["--loss", "mcel", "--loss-arg", "margin=4", "--loss-arg", "bound=Infinity"],
+            "mcel",
+            {"margin": 4, "bound": float("inf")},
+        ),
+        (
+            ["--loss", "ce", "--loss-arg", "weight=[1,1,1,1,1,1,1,1,1,2]"],
+            "ce",
+            {"weight": [1, 1, 1, 1, 1, 1, 1, 1, 1, 2]},
+        ),
     ],
 )
 def test_loss_flags_map_into_loss_kwargs(tmp_path, args, loss, loss_kwargs):

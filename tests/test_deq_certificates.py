@@ -306,8 +306,17 @@ def test_sufficient_not_necessary() -> None:
 @SETTINGS
 @given(p=params)
 @example(  # found by hypothesis: W~ = c I gives rate 0 with steps ~1e3 (round-off allowance)
-    p={"seed": 5400, "n": 7, "r_frac": 0.5, "m": 0.0625, "sa": 0.0, "sb": 0.0625, "bits": 2,
-       "per_channel": False, "symmetric": False}
+    p={
+        "seed": 5400,
+        "n": 7,
+        "r_frac": 0.5,
+        "m": 0.0625,
+        "sa": 0.0,
+        "sb": 0.0625,
+        "bits": 2,
+        "per_channel": False,
+        "symmetric": False,
+    }
 )
 def test_certified_implies_monotone_and_solvers_converge(p) -> None:
     W, W_q, spec = build(p)

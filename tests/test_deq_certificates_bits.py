@@ -164,6 +164,7 @@ def test_conv_bound_dominates_every_pattern(seed, bits, kshape, grid) -> None:
     K = torch.randn(kshape, generator=g, dtype=DT)
     codes, scale, _ = quantize(K, spec)
     beta = bit_flip_perturbation_bounds(codes, scale, spec, codes.numel() * bits)
+
     def conv_norms(d: torch.Tensor) -> torch.Tensor:  # (P, c_out, c_in, kh, kw) -> (P,)
         P, c_out = d.shape[:2]
         blocks = conv_frequency_blocks(d.reshape(P * c_out, *d.shape[2:]), grid)

@@ -77,8 +77,15 @@ def test_per_frequency_certificate_equals_the_dense_one(kind, bits, per_channel)
     Ud_q, bd_q = _dense_input(core, t["U_q"], t["b_q"])
     dense = certify(W, W_q, U=Ud, U_q=Ud_q, b=bd, b_q=bd_q).to_dict()
     for key in (
-        "margin", "margin_quantized", "delta_w_norm", "delta_w_sym", "lipschitz", "lipschitz_quantized",
-        "delta_u_norm", "delta_b_norm", "weyl_lower_bound",
+        "margin",
+        "margin_quantized",
+        "delta_w_norm",
+        "delta_w_sym",
+        "lipschitz",
+        "lipschitz_quantized",
+        "delta_u_norm",
+        "delta_b_norm",
+        "weyl_lower_bound",
     ):
         assert row[key] == pytest.approx(dense[key], rel=1e-9, abs=1e-10), key
     for key in ("certified", "certified_sym", "monotone"):
@@ -112,7 +119,8 @@ def test_conv_displacement_and_residual_bounds_equal_the_dense_ones(kind):
     torch.testing.assert_close(
         conv_residual_error_bound(t["K_q"], grid, v_q, z_q),
         residual_error_bound(W_q, Ud_q, bd_q, x.flatten(1), z_q.flatten(1)),
-        rtol=1e-9, atol=1e-12,
+        rtol=1e-9,
+        atol=1e-12,
     )
     with pytest.raises(ValueError):
         conv_displacement_bound(t["K"], t["K_q"], grid, z_q, v_q[:, :1] - v_f[:, :1])

@@ -21,7 +21,6 @@ from qmargin.quant import QuantSpec
 n, d, r, C = 7, 5, 4, 3
 
 
-
 def _ref2020(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     p = "mon.linear_module."
@@ -75,7 +74,7 @@ def test_reference_2020_round_trip(tmp_path):
     I64, W64 = torch.eye(n, dtype=torch.float64), W.double()
     a = 1.0 / float(torch.linalg.matrix_norm(I64 - W64, 2))
     V = torch.linalg.inv(I64 + a * (I64 - W64))
-    v = (x.double() @ sd[f"{p}U.weight"].double().T + sd[f"{p}U.bias"].double())
+    v = x.double() @ sd[f"{p}U.weight"].double().T + sd[f"{p}U.bias"].double()
     u = torch.zeros(4, n, dtype=torch.float64)
     z = torch.zeros_like(u)
     for _ in range(5000):

@@ -19,7 +19,6 @@ from qmargin.deq import (
 D64 = torch.float64
 
 
-
 def _gradcheck_layer(layer: MonDEQLayer, x: torch.Tensor, readout: torch.Tensor | None = None) -> None:
     """Finite-difference check of d(output)/d(every parameter, x), float64."""
     names = [n for n, p in layer.named_parameters()]

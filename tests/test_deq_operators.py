@@ -23,7 +23,6 @@ from qmargin.quant import QuantSpec, export_integer_state, load_integer_state
 D64 = torch.float64
 
 
-
 def _sym_eigs(Wd: torch.Tensor) -> torch.Tensor:
     S = torch.eye(Wd.shape[0], dtype=Wd.dtype) - Wd
     return torch.linalg.eigvalsh((S + S.T) / 2)

@@ -21,7 +21,6 @@ from qmargin.errors import ConfigError
 D64 = torch.float64
 
 
-
 def _direct_equilibrium(Wd: torch.Tensor, v: torch.Tensor, z_guess: torch.Tensor) -> torch.Tensor:
     """Exact ``z = relu(W z + v)`` by an active-set linear solve from a guess, checked for consistency."""
     out = torch.zeros_like(v)

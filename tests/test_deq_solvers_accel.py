@@ -133,8 +133,9 @@ def test_safeguard_keeps_the_pr_guarantee(acc):
         op = core.operator()
         mu, L = (float(t) for t in op.margin_and_norm())
         opts = {"memory": 8, "lam": 0.0} if acc == "anderson" else None
-        z, st = solve(op, v, "pr", tol=1e-9, max_iter=20000, accelerator=acc, accelerator_options=opts,
-                      trace=True)
+        z, st = solve(
+            op, v, "pr", tol=1e-9, max_iter=20000, accelerator=acc, accelerator_options=opts, trace=True
+        )
         _, plain = solve(op, v, "pr", tol=1e-9, max_iter=20000, trace=True)
     finally:
         ACCELERATORS.pop("wild")

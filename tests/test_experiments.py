@@ -45,7 +45,10 @@ def test_mcel_reproduction_fast(tmp_path):
     preset = Preset("digits", "mlp", epochs=1, bits=(4,), repeats=2, bers=(0.0, 0.01), methods=METHODS)
     calls, progress = _recorder()
     res = run_mcel_reproduction(
-        preset="test", preset_override=preset, out_dir=tmp_path / "out", results_dir=tmp_path / "results",
+        preset="test",
+        preset_override=preset,
+        out_dir=tmp_path / "out",
+        results_dir=tmp_path / "results",
         progress=progress,
     )
     _assert_steps(calls, [f"{m.name} 4-bit" for m in METHODS])
@@ -118,9 +121,18 @@ def test_mondeq_reproduction_fast(tmp_path):
     )
     _assert_steps(
         calls,
-        ["float seed 0", "PTQ 4-bit", "PTQ 12-bit", "PTQ 4-bit", "PTQ 12-bit", "displacement 8-bit",
-         "displacement W 8, U/b 4-bit", "QAT 3-bit seed 0", "QAT per-row 3-bit seed 0",
-         "certified QAT 3-bit seed 0"],
+        [
+            "float seed 0",
+            "PTQ 4-bit",
+            "PTQ 12-bit",
+            "PTQ 4-bit",
+            "PTQ 12-bit",
+            "displacement 8-bit",
+            "displacement W 8, U/b 4-bit",
+            "QAT 3-bit seed 0",
+            "QAT per-row 3-bit seed 0",
+            "certified QAT 3-bit seed 0",
+        ],
     )
     s = res["summary"]
     assert [(r["bits"], r["per_channel"]) for r in s["ptq"]] == [
@@ -148,14 +160,19 @@ def test_mondeq_conv_preset_tiny(tmp_path):
 
     preset = ConvPreset(epochs=1, qat_epochs=1, channels=2, ptq_bits=(3, 8), qat_bits=(4,))
     kwargs = dict(
-        preset="tiny", preset_override=preset, out_dir=tmp_path / "out", results_dir=tmp_path / "results",
+        preset="tiny",
+        preset_override=preset,
+        out_dir=tmp_path / "out",
+        results_dir=tmp_path / "results",
         dataset="digits",
     )
     res = run_mondeq_reproduction(**kwargs)
     s = res["summary"]
     assert s["displacement_samples"] == s["test_samples"] == 359
     assert [(r["method"], r["bits"]) for r in s["ptq"] + s["qat"]] == [
-        ("PTQ", 3), ("PTQ", 8), ("certified QAT", 4)
+        ("PTQ", 3),
+        ("PTQ", 8),
+        ("certified QAT", 4),
     ]
     for r in s["ptq"] + s["qat"]:
         assert r["certified"] == (r["delta_w_norm"] < r["margin"]) and r["frequencies"] == 40
@@ -227,7 +244,10 @@ def test_cnn_presets_on_real_data(tmp_path, model, kwargs, train, methods, above
 
     real = PRESETS[f"fast-{model}"]
     assert (real.dataset, real.model, real.bits, [m.name for m in real.methods]) == (
-        "mnist5k", model, (2, 4), ["CE", "MCEL"]
+        "mnist5k",
+        model,
+        (2, 4),
+        ["CE", "MCEL"],
     )
     preset = Preset(
         "mnist5k", model, epochs=1, bits=(4,), repeats=2, bers=(0.0, 0.05), methods=real.methods[:methods],

@@ -113,8 +113,9 @@ def test_restore_when_injection_itself_fails_half_way():
     quantize_model(net, QuantSpec(3))  # fc, fc2 get 3-bit codes: bit 6 does not exist there
     freeze(net)
     clean = codes_of(net)
-    with pytest.raises(ConfigError, match="protected bits \\[6\\]"), inject(
-        net, BitErrorModel(ber=0.2, protected_bits=(6,)), seed=0
+    with (
+        pytest.raises(ConfigError, match="protected bits \\[6\\]"),
+        inject(net, BitErrorModel(ber=0.2, protected_bits=(6,)), seed=0),
     ):
         pass
     assert all(torch.equal(codes_of(net)[k], clean[k]) for k in clean)
@@ -268,8 +269,9 @@ def test_nothing_selected_or_nothing_quantized_is_an_error():
     with pytest.raises(ConfigError, match="no quantized layers"):
         select_tensors(nn.Sequential(nn.Linear(2, 2)), BitErrorModel(ber=0.1))
     net = make_net()
-    with pytest.raises(ConfigError, match="selects no stored tensor"), inject(
-        net, BitErrorModel(ber=0.1, layers=("decoder.*",)), seed=0
+    with (
+        pytest.raises(ConfigError, match="selects no stored tensor"),
+        inject(net, BitErrorModel(ber=0.1, layers=("decoder.*",)), seed=0),
     ):
         pass
     assert not any(m.frozen for _, m in quantized_modules(net))
@@ -289,9 +291,19 @@ def test_null_model_changes_nothing():
 @pytest.mark.parametrize(
     "kw",
     [
-        {"ber": -1e-3}, {"ber": 1.01}, {"ber": float("nan")}, {"p01": 2.0}, {"ber": "0.1"}, {"ber": True},
-        {"stuck_at_0": 0.6, "stuck_at_1": 0.5}, {"protected_bits": (8,)}, {"protected_bits": (1.5,)},
-        {"layers": ()}, {"layers": ("",)}, {"tensors": ()}, {"layer_types": (3,)},
+        {"ber": -1e-3},
+        {"ber": 1.01},
+        {"ber": float("nan")},
+        {"p01": 2.0},
+        {"ber": "0.1"},
+        {"ber": True},
+        {"stuck_at_0": 0.6, "stuck_at_1": 0.5},
+        {"protected_bits": (8,)},
+        {"protected_bits": (1.5,)},
+        {"layers": ()},
+        {"layers": ("",)},
+        {"tensors": ()},
+        {"layer_types": (3,)},
     ],
 )
 def test_error_model_validation(kw):
@@ -300,8 +312,14 @@ def test_error_model_validation(kw):
 
 
 def test_error_model_normalisation_and_round_trip():
-    m = BitErrorModel(ber=1e-3, p10=0.0, protected_bits=(7, -1, 7), layers="features.*",
-                      layer_types=(nn.Conv2d, "Linear"), tensors="weight")
+    m = BitErrorModel(
+        ber=1e-3,
+        p10=0.0,
+        protected_bits=(7, -1, 7),
+        layers="features.*",
+        layer_types=(nn.Conv2d, "Linear"),
+        tensors="weight",
+    )
     assert m.layers == ("features.*",) and m.tensors == ("weight",)
     assert BitErrorModel().tensors == ("weight", "W", "U")  # default: weights of every layer kind
     assert m.layer_types == ("Conv2d", "Linear") and m.protected_bits == (-1, 7)

@@ -215,10 +215,18 @@ def test_kinds_serialise_through_the_registry(registry):
 # BitErrorModel = Selection + kinds
 # ---------------------------------------------------------------------------------------------
 def test_bit_error_model_composes_selection_and_kinds():
-    m = BitErrorModel(ber=1e-3, p10=0.0, stuck_at_1=0.2, protected_bits=(7, -1), layers="fc*",
-                      layer_types=(nn.Linear,), tensors="weight")
-    assert m.selection == Selection(layers=("fc*",), layer_types=("Linear",), tensors=("weight",),
-                                    protected_bits=(-1, 7))
+    m = BitErrorModel(
+        ber=1e-3,
+        p10=0.0,
+        stuck_at_1=0.2,
+        protected_bits=(7, -1),
+        layers="fc*",
+        layer_types=(nn.Linear,),
+        tensors="weight",
+    )
+    assert m.selection == Selection(
+        layers=("fc*",), layer_types=("Linear",), tensors=("weight",), protected_bits=(-1, 7)
+    )
     assert m.fault_kinds() == (RandomFlips(1e-3, 0.0), StuckAt(0.0, 0.2))
     assert BitErrorModel(p10=0.3).fault_kinds() == (RandomFlips(0.0, 0.3),)
     assert BitErrorModel(stuck_at_0=0.1).fault_kinds() == (StuckAt(0.1, 0.0),)
@@ -283,13 +291,21 @@ def test_selection_alone_selects_like_before():
 
 
 def test_selection_validation_and_round_trip():
-    s = Selection(layers="features.*", layer_types=(nn.Conv2d, "Linear"), tensors="weight",
-                  protected_bits=(7, -1, 7))
+    s = Selection(
+        layers="features.*", layer_types=(nn.Conv2d, "Linear"), tensors="weight", protected_bits=(7, -1, 7)
+    )
     assert s.layers == ("features.*",) and s.layer_types == ("Conv2d", "Linear")
     assert s.protected_bits == (-1, 7)
     assert Selection(**json.loads(json.dumps(s.to_dict()))) == s
     assert Selection(protected_bits=3).protected_bits == (3,)
-    for kw in ({"layers": ()}, {"layers": ("",)}, {"tensors": ()}, {"layer_types": (3,)},
-               {"protected_bits": (8,)}, {"protected_bits": (1.5,)}, {"protected_bits": (True,)}):
+    for kw in (
+        {"layers": ()},
+        {"layers": ("",)},
+        {"tensors": ()},
+        {"layer_types": (3,)},
+        {"protected_bits": (8,)},
+        {"protected_bits": (1.5,)},
+        {"protected_bits": (True,)},
+    ):
         with pytest.raises(ConfigError):
             Selection(**kw)

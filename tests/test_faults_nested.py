@@ -70,9 +70,7 @@ def test_nested_bits_are_independent_within_a_word():
 @pytest.mark.parametrize("seed", [0, 1, 12345])
 def test_lower_rates_flip_a_subset(seed):
     codes = torch.randint(-7, 8, (3000,), dtype=torch.int8)
-    masks = [
-        _dense(sample_flips(codes, 4, p01=p, p10=p, seed=seed, nested_max=max(GRID))) for p in GRID
-    ]
+    masks = [_dense(sample_flips(codes, 4, p01=p, p10=p, seed=seed, nested_max=max(GRID))) for p in GRID]
     for low, high in zip(masks, masks[1:], strict=False):
         assert np.all((low & ~high) == 0)  # every bit flipped at the lower rate is flipped at the higher
         assert (high & ~low).any()  # and the higher rate adds some

@@ -232,8 +232,10 @@ def test_rate_zero_changes_nothing_and_allocates_nothing():
     assert len(sites) == 0 and sites.index.numel() == 0
 
 
-@pytest.mark.parametrize(("dtype", "bits", "protected"), [(torch.int8, 8, ()), (torch.int8, 3, (1,)),
-                                                         (torch.uint8, 5, (0, 4)), (torch.int8, 1, ())])
+@pytest.mark.parametrize(
+    ("dtype", "bits", "protected"),
+    [(torch.int8, 8, ()), (torch.int8, 3, (1,)), (torch.uint8, 5, (0, 4)), (torch.int8, 1, ())],
+)
 def test_rate_one_flips_every_exposed_bit(dtype, bits, protected):
     if bits == 1:
         codes = torch.tensor([-1, 1, 1, -1], dtype=dtype)
@@ -296,24 +298,30 @@ def test_twos_complement_words_every_code_and_mask(bits):
     codes = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.int8)
     for m in range(1, 1 << bits):
         out = codes.clone()
-        sites = BitSites(torch.arange(codes.numel()), torch.full((codes.numel(),), m, dtype=torch.uint8),
-                         codes.numel(), bits)
+        sites = BitSites(
+            torch.arange(codes.numel()),
+            torch.full((codes.numel(),), m, dtype=torch.uint8),
+            codes.numel(),
+            bits,
+        )
         patch = flip_bits_(out, bits, sites)
         expected = [_decode_twos((c % (1 << bits)) ^ m, bits) for c in codes.tolist()]
         assert out.tolist() == expected
         patch.undo_(out)
         assert torch.equal(out, codes)
     # the MSB flip of 0 decodes to -2**(b-1), one below the quantizer's -qmax
-    assert flip_random_bits(torch.zeros(1, dtype=torch.int8), bits, 1.0, seed=0,
-                            protected_bits=tuple(range(bits - 1))).item() == -(2 ** (bits - 1))
+    assert flip_random_bits(
+        torch.zeros(1, dtype=torch.int8), bits, 1.0, seed=0, protected_bits=tuple(range(bits - 1))
+    ).item() == -(2 ** (bits - 1))
 
 
 @pytest.mark.parametrize("bits", [2, 5, 8])
 def test_unsigned_words(bits):
     codes = torch.arange(0, 2**bits, dtype=torch.uint8)
     m = (1 << bits) - 2
-    sites = BitSites(torch.arange(codes.numel()), torch.full((codes.numel(),), m, dtype=torch.uint8),
-                     codes.numel(), bits)
+    sites = BitSites(
+        torch.arange(codes.numel()), torch.full((codes.numel(),), m, dtype=torch.uint8), codes.numel(), bits
+    )
     out = codes.clone()
     flip_bits_(out, bits, sites)
     assert out.tolist() == [c ^ m for c in codes.tolist()]

@@ -37,8 +37,9 @@ def _mount(path: Path, options: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
 
@@ -185,8 +186,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, "-m", "qmargin", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "qmargin", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -206,8 +208,9 @@ def trained(tmp_path_factory) -> Path:
     from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
 
     run = tmp_path_factory.mktemp("fs") / "run"
-    cfg = TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, device="cpu",
-                      model_kwargs={"hidden": [16, 16]})
+    cfg = TrainConfig(
+        dataset="digits", model="mlp", bits=4, epochs=1, device="cpu", model_kwargs={"hidden": [16, 16]}
+    )
     train_run(cfg, dataset=load_dataset("digits"), out_dir=run)
     evaluate_run(run, bers=[0.0, 0.01], repeats=2, base_seed=100, out_path=run / "ber.json", device="cpu")
     return run

@@ -31,7 +31,11 @@ def _env() -> dict[str, str]:
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "qmargin", *args], capture_output=True, text=True, timeout=300, env=_env(),
+        [sys.executable, "-m", "qmargin", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
         cwd=cwd,
     )
 
@@ -75,8 +79,13 @@ class Holder:
                     time.sleep(0.02)
             """
         )
-        self.proc = subprocess.Popen([sys.executable, "-c", code], env=_env(), text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         _wait_for(self.ready, self.proc)
 
     @property
@@ -135,10 +144,15 @@ def test_a_dead_holders_lock_file_does_not_block(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-c", "import os, sys\n"
-         "from qmargin.files import lock_directory\n"
-         f"with lock_directory({str(run)!r}):\n    os._exit(0)\n"],  # dies holding it: no cleanup
-        env=_env(), timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "from qmargin.files import lock_directory\n"
+            f"with lock_directory({str(run)!r}):\n    os._exit(0)\n",
+        ],  # dies holding it: no cleanup
+        env=_env(),
+        timeout=60,
     )
     assert proc.returncode == 0
     stale = run / LOCK_NAME
@@ -184,8 +198,9 @@ def _held_train(out: Path, gate: Path, seed: int) -> subprocess.Popen:
         main({[*TRAIN, "--seed", str(seed), "--out", str(out)]!r})
         """
     )
-    return subprocess.Popen([sys.executable, "-c", code], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def test_two_trainings_into_one_directory(tmp_path):
@@ -221,8 +236,17 @@ def test_two_trainings_into_one_directory(tmp_path):
         (["demo", "--out", "{run}", "--epochs", "1"], "{run}"),
         (["merge", "{x}", "--out", "{tmp}/r.json"], "{tmp}/r.json"),
     ],
-    ids=["train", "evaluate-run", "evaluate-out", "certify-out", "mcel", "ablation", "mondeq", "demo",
-         "merge-out"],  # fmt: skip
+    ids=[
+        "train",
+        "evaluate-run",
+        "evaluate-out",
+        "certify-out",
+        "mcel",
+        "ablation",
+        "mondeq",
+        "demo",
+        "merge-out",
+    ],  # fmt: skip
 )
 def test_every_command_refuses_a_locked_directory_or_output(tmp_path, argv, locked):
     run, other = tmp_path / "run", tmp_path / "other"

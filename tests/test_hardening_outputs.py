@@ -225,8 +225,12 @@ def _hard_link(tmp: Path, src: Path) -> Path:
     return p
 
 
-ALIASES = [("same path", _same), ("dot-dot spelling", _relative_spelling), ("symlink", _symlink),
-           ("hard link", _hard_link)]
+ALIASES = [
+    ("same path", _same),
+    ("dot-dot spelling", _relative_spelling),
+    ("symlink", _symlink),
+    ("hard link", _hard_link),
+]
 
 
 @pytest.mark.parametrize("name, alias", ALIASES, ids=[a[0] for a in ALIASES])
@@ -392,8 +396,9 @@ def test_the_table_covers_the_path_options():
 @pytest.mark.parametrize(
     "command, param, is_option", PATH_PARAMS, ids=[f"{' '.join(c)} {n}" for c, n, _ in PATH_PARAMS]
 )
-def test_every_path_parameter_refuses_a_blank_value(tmp_path, capsys, monkeypatch, command, param,
-                                                    is_option, blank):
+def test_every_path_parameter_refuses_a_blank_value(
+    tmp_path, capsys, monkeypatch, command, param, is_option, blank
+):
     monkeypatch.chdir(tmp_path)
     argv = list(command)
     if is_option:
@@ -415,8 +420,9 @@ def test_force_removes_the_results_of_the_old_weights(tmp_path):
     from qmargin.training.checkpoint import DERIVED_FILES
 
     data = load_dataset("digits")
-    cfg = TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, device="cpu",
-                      model_kwargs={"hidden": [16, 16]})
+    cfg = TrainConfig(
+        dataset="digits", model="mlp", bits=4, epochs=1, device="cpu", model_kwargs={"hidden": [16, 16]}
+    )
     run = tmp_path / "run"
     train_run(cfg, dataset=data, out_dir=run)
     for name in DERIVED_FILES:
@@ -438,13 +444,15 @@ def test_results_are_never_shown_for_other_weights(tmp_path, capsys):
     from qmargin.experiments.runs import TrainConfig, load_dataset, train_run
 
     data = load_dataset("digits")
-    cfg = TrainConfig(dataset="digits", model="mlp", bits=4, epochs=1, device="cpu",
-                      model_kwargs={"hidden": [16, 16]})
+    cfg = TrainConfig(
+        dataset="digits", model="mlp", bits=4, epochs=1, device="cpu", model_kwargs={"hidden": [16, 16]}
+    )
     run = tmp_path / "run"
     train_run(cfg, dataset=data, out_dir=run)
     for name in ("ber.json", "custom.json"):
-        result = evaluate_run(run, bers=[0.0, 0.05], repeats=2, base_seed=100, out_path=run / name,
-                              device="cpu")
+        result = evaluate_run(
+            run, bers=[0.0, 0.05], repeats=2, base_seed=100, out_path=run / name, device="cpu"
+        )
         assert result["weights"]["file"] == str((run / "model.safetensors").resolve())
     main(["compare", str(run), str(run / "custom.json"), "--out", str(tmp_path / "c.png")])  # fine
     capsys.readouterr()

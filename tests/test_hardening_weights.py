@@ -38,7 +38,11 @@ CLI_TRAIN = ["--dataset", "digits", "--hidden", "16", "--bits", "4", "--epochs",
 
 def cli_config(epochs: int = 2) -> TrainConfig:
     return TrainConfig(
-        dataset="digits", model="mlp", bits=4, epochs=epochs, device="cpu",
+        dataset="digits",
+        model="mlp",
+        bits=4,
+        epochs=epochs,
+        device="cpu",
         model_kwargs=hidden_kwargs("mlp", 16),
     )
 
@@ -151,7 +155,9 @@ CHECKPOINT_CASES = {
     **{f"model {k}": v for k, v in WEIGHT_CASES.items()},
     "nan optimizer moment": ("optim.0.exp_avg", _set(math.nan), ["non-finite", "optim.0.exp_avg"]),
     "inf optimizer second moment": (
-        "optim.0.exp_avg_sq", _set(math.inf), ["non-finite", "optim.0.exp_avg_sq"]
+        "optim.0.exp_avg_sq",
+        _set(math.inf),
+        ["non-finite", "optim.0.exp_avg_sq"],
     ),
     "float RNG state": ("rng.torch", lambda t: t.float(), ["rng.torch"]),
 }

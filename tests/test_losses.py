@@ -277,9 +277,13 @@ def test_input_validation():
         margin_hinge_loss(z, y.double(), b=1.0)
     with pytest.raises(ConfigError, match="reduction"):
         cross_entropy(z, y, reduction="avg")
-    for bad in ({"margin": -1.0, "bound": 2.0}, {"margin": 1.0, "bound": 0.0},
-                {"margin": math.nan, "bound": 2.0}, {"margin": 1.0, "bound": -math.inf},
-                {"margin": 1.0, "bound": 2.0, "logit_scale": 0.0}):
+    for bad in (
+        {"margin": -1.0, "bound": 2.0},
+        {"margin": 1.0, "bound": 0.0},
+        {"margin": math.nan, "bound": 2.0},
+        {"margin": 1.0, "bound": -math.inf},
+        {"margin": 1.0, "bound": 2.0, "logit_scale": 0.0},
+    ):
         with pytest.raises(ConfigError):
             mcel_loss(z, y, **bad)
         with pytest.raises(ConfigError):

@@ -76,15 +76,26 @@ def injector_for(ber: float):
 def tiny_model(batchnorm: bool = True, bits: int = 4, w_max: float | None = None) -> nn.Module:
     torch.manual_seed(0)
     return build_model(
-        "mlp", input_shape=(1, 4, 4), num_classes=3, spec=QuantSpec(bits, w_max=w_max), hidden=[12],
+        "mlp",
+        input_shape=(1, 4, 4),
+        num_classes=3,
+        spec=QuantSpec(bits, w_max=w_max),
+        hidden=[12],
         batchnorm=batchnorm,
     )
 
 
 def base_config(**kw) -> TrainConfig:
     d = dict(
-        dataset="synthetic", model="mlp", bits=4, epochs=3, batch_size=32, lr=0.01, device="cpu",
-        model_kwargs={"hidden": [12], "batchnorm": True}, seed=3,
+        dataset="synthetic",
+        model="mlp",
+        bits=4,
+        epochs=3,
+        batch_size=32,
+        lr=0.01,
+        device="cpu",
+        model_kwargs={"hidden": [12], "batchnorm": True},
+        seed=3,
     )
     d.update(kw)
     return TrainConfig(**d)
@@ -186,9 +197,7 @@ def test_randbet_gradient_is_the_average_of_clean_and_bit_flipped_gradients():
 
     # Independent reference for the bit-flipped gradient: a float network holding w_tilde.
     w_tilde = corrupted_weights(model, rb.injector, rb.pattern_seed(4))
-    ref = build_model(
-        "mlp", input_shape=(1, 4, 4), num_classes=3, spec=None, hidden=[12], batchnorm=True
-    )
+    ref = build_model("mlp", input_shape=(1, 4, 4), num_classes=3, spec=None, hidden=[12], batchnorm=True)
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         for key, value in w_tilde.items():
@@ -296,7 +305,13 @@ def test_train_on_digits(tmp_path):
 
     ds = load_dataset("digits")
     cfg = TrainConfig(
-        dataset="digits", model="mlp", bits=4, epochs=1, batch_size=128, lr=0.01, device="cpu",
+        dataset="digits",
+        model="mlp",
+        bits=4,
+        epochs=1,
+        batch_size=128,
+        lr=0.01,
+        device="cpu",
         model_kwargs={"hidden": [32]},
     )
     result = train(cfg, dataset=ds, out_dir=tmp_path / "digits")
@@ -313,8 +328,12 @@ def test_load_run_gives_bit_identical_outputs_and_integer_state_matches(tmp_path
     with torch.no_grad():
         assert torch.equal(model(x), result.model(x))
         fresh = build_model(
-            "mlp", input_shape=(1, 4, 4), num_classes=3, spec=QuantSpec(4, per_channel=True),
-            hidden=[12], batchnorm=True,
+            "mlp",
+            input_shape=(1, 4, 4),
+            num_classes=3,
+            spec=QuantSpec(4, per_channel=True),
+            hidden=[12],
+            batchnorm=True,
         ).eval()
         load_integer_state(fresh, IntegerState.load(tmp_path / "r" / INTEGER_FILE))
         assert torch.equal(fresh(x), result.model(x))
@@ -351,7 +370,13 @@ class _StopError(Exception):
 def test_resume_ends_with_exactly_the_same_weights(tmp_path, stop_at):
     ds = make_dataset()
     cfg = base_config(
-        epochs=3, train_ber=0.02, optimizer="sgd", momentum=0.9, schedule="cosine", w_max=0.5, lr=0.05,
+        epochs=3,
+        train_ber=0.02,
+        optimizer="sgd",
+        momentum=0.9,
+        schedule="cosine",
+        w_max=0.5,
+        lr=0.05,
         weight_decay=1e-4,
     )
     full = train(cfg, dataset=ds, out_dir=tmp_path / "full")
@@ -382,7 +407,10 @@ def test_resume_ends_with_exactly_the_same_weights(tmp_path, stop_at):
 
 def _dropout_builder(*, input_shape, num_classes, spec, bias_spec=None, p=0.3):
     return nn.Sequential(
-        nn.Flatten(), QuantLinear(16, 12, spec=spec), nn.ReLU(), nn.Dropout(p),
+        nn.Flatten(),
+        QuantLinear(16, 12, spec=spec),
+        nn.ReLU(),
+        nn.Dropout(p),
         QuantLinear(12, num_classes, spec=spec),
     )
 

@@ -20,11 +20,26 @@ def test_defaults_are_valid_and_round_trip_through_json():
 
 def test_round_trip_of_a_full_config():
     cfg = TrainConfig(
-        dataset="mnist5k", model="vgg3", bits=4, quant="asym", per_channel=True, loss="mcel",
+        dataset="mnist5k",
+        model="vgg3",
+        bits=4,
+        quant="asym",
+        per_channel=True,
+        loss="mcel",
         loss_kwargs={"margin": 5.0, "bound": 20.0, "logit_scale": 2.0, "label_smoothing": 0.1},
-        train_ber=0.01, w_max=0.1, epochs=3, batch_size=32, lr=0.01,
-        optimizer="sgd", momentum=0.8, weight_decay=5e-4, schedule="cosine", seed=7, device="cpu",
-        data_dir="/tmp/x", model_kwargs={"channels": [8, 8], "hidden": 16},
+        train_ber=0.01,
+        w_max=0.1,
+        epochs=3,
+        batch_size=32,
+        lr=0.01,
+        optimizer="sgd",
+        momentum=0.8,
+        weight_decay=5e-4,
+        schedule="cosine",
+        seed=7,
+        device="cpu",
+        data_dir="/tmp/x",
+        model_kwargs={"channels": [8, 8], "hidden": 16},
     )
     back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
@@ -113,7 +128,8 @@ def test_resolve_defaults_reads_the_losses_constants(monkeypatch):
     cfg = resolve_defaults(TrainConfig(loss="mcel"))
     kw = cfg.loss_kwargs
     assert (kw["margin"], kw["bound"]) == (
-        float(losses.DEFAULT_MCEL_MARGIN), float(losses.DEFAULT_MCEL_BOUND)
+        float(losses.DEFAULT_MCEL_MARGIN),
+        float(losses.DEFAULT_MCEL_BOUND),
     )
     assert kw.get("logit_scale") is None
     monkeypatch.setattr(losses.defaults, "DEFAULT_MCEL_MARGIN", 3.5)

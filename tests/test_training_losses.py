@@ -45,8 +45,15 @@ def make_dataset(n_train: int = 96, n_test: int = 48, seed: int = 0) -> SimpleNa
 
 def base_config(**kw) -> TrainConfig:
     d = dict(
-        dataset="synthetic", model="mlp", bits=4, epochs=3, batch_size=32, lr=0.01, device="cpu",
-        model_kwargs={"hidden": [12], "batchnorm": True}, seed=3,
+        dataset="synthetic",
+        model="mlp",
+        bits=4,
+        epochs=3,
+        batch_size=32,
+        lr=0.01,
+        device="cpu",
+        model_kwargs={"hidden": [12], "batchnorm": True},
+        seed=3,
     )
     d.update(kw)
     return TrainConfig(**d)
@@ -145,7 +152,7 @@ def test_unknown_loss_kwarg_is_one_config_error_naming_the_loss_and_its_options(
     assert "'mcel'" in msg and "margn" in msg
     for accepted in ("margin", "bound", "logit_scale", "label_smoothing"):
         assert accepted in msg
-    expected = r"loss 'mhl' takes no option margin \(options: b, reduction, weight\)"
+    expected = r"loss 'mhl' takes no option margin \(options: b, reduction, units, weight\)"
     with pytest.raises(ConfigError, match=expected):
         TrainConfig(loss="mhl", loss_kwargs={"margin": 1.0})
 
@@ -192,10 +199,29 @@ def test_unbounded_mcel_is_written_infinity():
 
 # config.json "config" entries exactly as qmargin wrote them before loss_kwargs (commit 83cca8d).
 OLD_MCEL = {
-    "batch_size": 64, "bits": 4, "bound": 30.0, "data_dir": None, "dataset": "digits", "device": "cpu",
-    "epochs": 1, "hinge_b": None, "label_smoothing": 0.0, "logit_scale": None, "loss": "mcel", "lr": 0.001,
-    "margin": 30.0, "model": "mlp", "model_kwargs": {"hidden": [32]}, "momentum": 0.9, "optimizer": "adam",
-    "per_channel": False, "quant": "sym", "schedule": "none", "seed": 1, "train_ber": 0.0, "w_max": None,
+    "batch_size": 64,
+    "bits": 4,
+    "bound": 30.0,
+    "data_dir": None,
+    "dataset": "digits",
+    "device": "cpu",
+    "epochs": 1,
+    "hinge_b": None,
+    "label_smoothing": 0.0,
+    "logit_scale": None,
+    "loss": "mcel",
+    "lr": 0.001,
+    "margin": 30.0,
+    "model": "mlp",
+    "model_kwargs": {"hidden": [32]},
+    "momentum": 0.9,
+    "optimizer": "adam",
+    "per_channel": False,
+    "quant": "sym",
+    "schedule": "none",
+    "seed": 1,
+    "train_ber": 0.0,
+    "w_max": None,
     "weight_decay": 0.0,
 }
 
@@ -208,8 +234,11 @@ def _old(**changes):
     ("old", "loss", "loss_kwargs"),
     [
         (OLD_MCEL, "mcel", {"margin": 30.0, "bound": 30.0}),
-        (_old(bound=float("inf"), margin=2.0, logit_scale=2.0, label_smoothing=0.1), "mcel",
-         {"margin": 2.0, "bound": float("inf"), "logit_scale": 2.0, "label_smoothing": 0.1}),
+        (
+            _old(bound=float("inf"), margin=2.0, logit_scale=2.0, label_smoothing=0.1),
+            "mcel",
+            {"margin": 2.0, "bound": float("inf"), "logit_scale": 2.0, "label_smoothing": 0.1},
+        ),
         (_old(loss="ce", margin=None, bound=None), "ce", {}),
         (_old(loss="ce", margin=None, bound=None, label_smoothing=0.05), "ce", {"label_smoothing": 0.05}),
         (_old(loss="mhl", margin=None, bound=None, hinge_b=1.0), "mhl", {"b": 1.0}),
@@ -226,10 +255,19 @@ def test_old_flat_config_loads_into_loss_kwargs(old, loss, loss_kwargs):
 
 
 def test_old_config_with_default_settings_equals_the_new_resolved_config():
-    new = resolve_defaults(TrainConfig(
-        dataset="digits", model="mlp", bits=4, epochs=1, batch_size=64, seed=1, device="cpu",
-        loss="mcel", model_kwargs={"hidden": [32]},
-    ))
+    new = resolve_defaults(
+        TrainConfig(
+            dataset="digits",
+            model="mlp",
+            bits=4,
+            epochs=1,
+            batch_size=64,
+            seed=1,
+            device="cpu",
+            loss="mcel",
+            model_kwargs={"hidden": [32]},
+        )
+    )
     assert TrainConfig.from_dict(OLD_MCEL) == new
 
 
@@ -322,8 +360,16 @@ def digits():
 def test_weights_are_those_of_the_code_before_the_loss_registry(tmp_path, digits, case):
     kwargs, sha = PINNED[case]
     cfg = TrainConfig(
-        dataset="digits", model="mlp", bits=4, epochs=1, batch_size=64, seed=1, device="cpu",
-        model_kwargs={"hidden": [32]}, loss=case.split("_")[0], loss_kwargs=kwargs,
+        dataset="digits",
+        model="mlp",
+        bits=4,
+        epochs=1,
+        batch_size=64,
+        seed=1,
+        device="cpu",
+        model_kwargs={"hidden": [32]},
+        loss=case.split("_")[0],
+        loss_kwargs=kwargs,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

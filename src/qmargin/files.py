@@ -140,9 +140,7 @@ def _file_target(p: Path) -> Path:
         except OSError:
             raise OutputError(f"{p} is a symbolic link to nothing; refusing to write through it") from None
         if not stat.S_ISREG(st.st_mode):
-            raise OutputError(
-                f"{p} is a symbolic link to {_kind(st.st_mode)}; refusing to replace it"
-            )
+            raise OutputError(f"{p} is a symbolic link to {_kind(st.st_mode)}; refusing to replace it")
         return Path(os.path.realpath(p))
     if not stat.S_ISREG(st.st_mode):
         raise OutputError(f"{p} exists and is {_kind(st.st_mode)}; refusing to replace it with a file")

@@ -189,4 +189,3 @@ def paired_difference(
         "ci_low": None if ci is None else ci[0],
         "ci_high": None if ci is None else ci[1],
     }
-

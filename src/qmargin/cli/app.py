@@ -45,7 +45,7 @@ DEFAULT_BERS = (0.0, 0.001, 0.01, 0.05)
 QUANT = opt.Choice("sym", "asym")
 OPTIMIZER = opt.Choice("adam", "sgd")
 SCHEDULE = opt.Choice("none", "cosine", "step")
-MCEL_PRESETS = ("fast", "fast-vgg3", "fast-resnet20", "full", "fashion", "cifar10")
+MCEL_PRESETS = ("fast", "fast-vgg3", "fast-resnet20", "full", "fashion", "cifar10", "imagenette")
 MONDEQ_PRESETS = ("fast", "full", "conv")
 
 
@@ -119,7 +119,10 @@ def demo(
 def train(
     out: Annotated[Path, typer.Option(help="Run directory (config, checkpoints, metrics).")],
     dataset: Annotated[
-        str, typer.Option(click_type=opt.NAME, help="digits | mnist5k | mnist | fashion-mnist | cifar10")
+        str,
+        typer.Option(
+            click_type=opt.NAME, help="digits | mnist5k | mnist | fashion-mnist | cifar10 | imagenette"
+        ),
     ] = "digits",
     model: Annotated[
         str,
@@ -1097,7 +1100,13 @@ def certify(
             check_output(out, inputs=run_input_files(checkpoint), what="--out")
             outputs.enter_context(lock_output(out))
         result = certify_checkpoint(
-            checkpoint, bits=bit_list, per_channel=per_channel, m=m, ber=ber, patterns=patterns, seed=seed,
+            checkpoint,
+            bits=bit_list,
+            per_channel=per_channel,
+            m=m,
+            ber=ber,
+            patterns=patterns,
+            seed=seed,
             samples=samples,
         )
         title = f"{checkpoint}: quantization certificates"
@@ -1120,7 +1129,8 @@ def reproduce_mcel(
         str,
         typer.Option(
             click_type=opt.Choice(*MCEL_PRESETS),
-            help="fast (mnist5k MLP, minutes on CPU) | fast-vgg3 | fast-resnet20 | fashion | cifar10 | full",
+            help="fast (mnist5k MLP, minutes on CPU) | fast-vgg3 | fast-resnet20 | fashion | cifar10 | "
+            "imagenette | full",
         ),
     ] = "fast",
     out: Annotated[Path, typer.Option(help="Output directory (runs, results, plots).")] = Path(
@@ -1171,7 +1181,12 @@ def reproduce_mcel_ablation(
     log = _logger(quiet)
     with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
         result = run_mcel_ablation(
-            out_dir=out, seeds=seed_list, epochs=epochs, repeats=repeats, results_dir=results_dir, log=log,
+            out_dir=out,
+            seeds=seed_list,
+            epochs=epochs,
+            repeats=repeats,
+            results_dir=results_dir,
+            log=log,
             progress=progress,
         )
     print(result["markdown"])

@@ -14,6 +14,8 @@ mnist           1x28x28   10      60,000 / 10,000 (official)           mean 0.13
 fashion-mnist   1x28x28   10      60,000 / 10,000 (official)           mean 0.2860, std 0.3530
 cifar10         3x32x32   10      50,000 / 10,000 (official)           mean (0.4914, 0.4822, 0.4465),
                                                                        std (0.2470, 0.2435, 0.2616)
+imagenette      3x64x64   10      9,469 / 3,925 (official train/val)   ImageNet's (0.485, 0.456, 0.406),
+                                                                       std (0.229, 0.224, 0.225)
 =============== ========= ======= ==================================== ===================================
 
 ``x_norm = (x - mean[c]) / std[c]`` per channel c; ``load_dataset(..., normalize=False)`` keeps [0, 1].
@@ -30,6 +32,9 @@ cifar10         3x32x32   10      50,000 / 10,000 (official)           mean (0.4
 * ``cifar10`` reads the *binary* version (no pickle): ``<data_dir>/cifar-10-batches-bin/``
   ``data_batch_1.bin`` .. ``data_batch_5.bin`` and ``test_batch.bin`` (or directly in ``<data_dir>``),
   3,073-byte records (label byte + 3,072 pixel bytes, R, G, B planes).
+* ``imagenette`` reads fast.ai's ImageFolder release ``<data_dir>/imagenette2-160/{train,val}/<wnid>/``
+  with Pillow (`qmargin.data.imagenette`: shorter side 72, centre crop 64); no download (put the
+  unpacked folder there).
 * Where files are looked for (`data_dir_candidates`): ``data_dir`` (``--data-dir``), then
   ``$QMARGIN_DATA`` or ``~/.cache/qmargin/data``, then the system locations of `SYSTEM_DATA_DIRS`
   (Debian's ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``), read in place;
@@ -65,6 +70,7 @@ from qmargin.data.idx import (
     read_idx_images,
     read_idx_labels,
 )
+from qmargin.data.imagenette import IMAGENETTE_INFO, load_imagenette_raw
 from qmargin.data.loading import load_dataset, locate_dataset
 from qmargin.data.registry import (
     SYSTEM_DATA_DIRS,
@@ -88,6 +94,7 @@ for _info, _loader in (
     (MNIST_INFO, load_mnist_raw),
     (FASHION_MNIST_INFO, load_fashion_mnist_raw),
     (CIFAR10_INFO, load_cifar10_raw),
+    (IMAGENETTE_INFO, load_imagenette_raw),
 ):
     register_dataset(_info, _loader, overwrite=True)
 del _info, _loader

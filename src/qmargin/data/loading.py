@@ -141,4 +141,3 @@ def locate_dataset(name: str, data_dir: str | Path | None = None) -> dict[str, A
     except DataError as err:
         return {"name": name, "found": False, "path": None, "rule": None, "error": str(err)}
     raise AssertionError("unreachable: no candidate held the files")
-

@@ -202,9 +202,7 @@ class _FlipBound:
             sizes = torch.sort(bit_sizes.repeat(kh * kw), descending=True).values
             prof = torch.cat([torch.zeros(1, dtype=torch.float64), sizes.cumsum(0)])  # (T b + 1,)
             slopes = torch.from_numpy(_concave_slopes((prof**2)[None, :].numpy()))[0]  # (T b,)
-            self.env = _TopKSum(
-                (s**2)[:, None] * slopes[None, :], torch.full((rows, slopes.numel()), c_in)
-            )
+            self.env = _TopKSum((s**2)[:, None] * slopes[None, :], torch.full((rows, slopes.numel()), c_in))
             self.amax = s.max() * prof
 
     def __call__(self, ks: Tensor) -> Tensor:
@@ -351,8 +349,13 @@ def bit_error_pattern(
     only; stuck-at faults are not modelled here). A copy; ``codes`` is unchanged.
     """
     return flip_random_bits(
-        codes, bits, float(ber), seed=derive_seed(seed, layer, tensor),
-        p01=p01, p10=p10, protected_bits=tuple(protected_bits),
+        codes,
+        bits,
+        float(ber),
+        seed=derive_seed(seed, layer, tensor),
+        p01=p01,
+        p10=p10,
+        protected_bits=tuple(protected_bits),
     )
 
 
@@ -435,8 +438,15 @@ def certify_under_bit_errors(
     flips: list[int] = []
     for i in range(n_patterns):
         corrupted = bit_error_pattern(
-            codes, spec.bits, ber, seed + i, layer=layer, tensor=tensor_name,
-            p01=p01, p10=p10, protected_bits=protected_bits,
+            codes,
+            spec.bits,
+            ber,
+            seed + i,
+            layer=layer,
+            tensor=tensor_name,
+            p01=p01,
+            p10=p10,
+            protected_bits=protected_bits,
         )
         flips.append(bit_differences(codes, corrupted, spec.bits))
         w_err = dequantize(corrupted, scale.to(torch.float64), zero_point, spec)
@@ -458,4 +468,3 @@ def certify_under_bit_errors(
         margins=margins,
         flips=flips,
     )
-

@@ -459,9 +459,7 @@ def displacement_bound(
     )
 
 
-def residual_error_bound(
-    W: Tensor, U: Tensor | None, b: Tensor | None, x: Tensor, z: Tensor
-) -> Tensor:
+def residual_error_bound(W: Tensor, U: Tensor | None, b: Tensor | None, x: Tensor, z: Tensor) -> Tensor:
     """A-posteriori bound on ``||z - z*||`` for an approximate equilibrium ``z`` (per sample, ``(N,)``).
 
     With the fixed-point residual ``r = z - relu(W z + U x + b)`` and ``mu(W) > 0``:
@@ -497,9 +495,7 @@ def _conv_check(kernel: Tensor, grid: tuple[int, int], z: Tensor, name: str) -> 
     if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"{name} must be a (c, c, kh, kw) kernel, got shape {tuple(kernel.shape)}")
     if z.dim() != 4 or tuple(z.shape[1:]) != (kernel.shape[0], *grid):
-        raise ValueError(
-            f"states must be (N, {kernel.shape[0]}, {grid[0]}, {grid[1]}), got {tuple(z.shape)}"
-        )
+        raise ValueError(f"states must be (N, {kernel.shape[0]}, {grid[0]}, {grid[1]}), got {tuple(z.shape)}")
 
 
 def _conv_margin(kernel: Tensor, grid: tuple[int, int]) -> float:

@@ -93,8 +93,17 @@ class MonDEQClassifier(nn.Module):
                 core = MonotoneLinear(in_features, n, r, m, learn_m, spec, bias_spec)
         self.in_shape = tuple(in_shape) if in_shape is not None else None
         self.pool = int(pool)
-        self.mon = MonDEQLayer(core, solver, alpha, tol, max_iter, check_every, on_failure=on_failure,
-                               accelerator=accelerator, warm_start=warm_start)
+        self.mon = MonDEQLayer(
+            core,
+            solver,
+            alpha,
+            tol,
+            max_iter,
+            check_every,
+            on_failure=on_failure,
+            accelerator=accelerator,
+            warm_start=warm_start,
+        )
         feat = self._feature_dim(core)
         if spec is not None and quantize_head:
             self.head: nn.Linear = QuantLinear(feat, num_classes, spec=spec)

@@ -63,15 +63,31 @@ __all__ = [
 
 _R20 = "mon.linear_module."
 REFERENCE_2020_KEYS = (
-    f"{_R20}U.weight", f"{_R20}U.bias", f"{_R20}A.weight", f"{_R20}B.weight", "Wout.weight", "Wout.bias",
+    f"{_R20}U.weight",
+    f"{_R20}U.bias",
+    f"{_R20}A.weight",
+    f"{_R20}B.weight",
+    "Wout.weight",
+    "Wout.bias",
 )
 REFERENCE_2020_CONV_KEYS = (
-    f"{_R20}U.weight", f"{_R20}U.bias", f"{_R20}A.weight", f"{_R20}B.weight", f"{_R20}g", f"{_R20}h",
-    "Wout.weight", "Wout.bias",
+    f"{_R20}U.weight",
+    f"{_R20}U.bias",
+    f"{_R20}A.weight",
+    f"{_R20}B.weight",
+    f"{_R20}g",
+    f"{_R20}h",
+    "Wout.weight",
+    "Wout.bias",
 )
 COMPANION_2026_KEYS = (
-    "mon.core.A", "mon.core.S", "mon.core.m_raw", "mon.core.U", "mon.core.b",
-    "classifier.weight", "classifier.bias",
+    "mon.core.A",
+    "mon.core.S",
+    "mon.core.m_raw",
+    "mon.core.U",
+    "mon.core.b",
+    "classifier.weight",
+    "classifier.bias",
 )
 WEIGHT_DTYPE = torch.float32
 """The dtype every imported entry must have (the classifier's parameters): nothing is cast on import."""
@@ -122,8 +138,14 @@ def _fill(
     core = model.core
     assert isinstance(core, MonotoneLinear)  # the importers build fully connected MonDEQs
     with torch.no_grad():
-        for p, t in ((core.A, A), (core.B, B), (core.U, U), (core.b, b), (model.head.weight, Wh),
-                     (model.head.bias, bh)):
+        for p, t in (
+            (core.A, A),
+            (core.B, B),
+            (core.U, U),
+            (core.b, b),
+            (model.head.weight, Wh),
+            (model.head.bias, bh),
+        ):
             if t.dtype != p.dtype:  # _check_keys refused it already; never cast silently
                 raise CheckpointError(f"checkpoint tensor is {t.dtype}, the model stores {p.dtype}")
             p.copy_(t)
@@ -146,8 +168,15 @@ def load_reference_2020(source: Source, m: float = 1.0, **kwargs: Any) -> MonDEQ
     C, _ = _shape(sd, "Wout.weight", (None, n), fmt)
     _shape(sd, "Wout.bias", (C,), fmt)
     model = MonDEQClassifier(d, n, C, r=r, m=m, learn_m=False, **kwargs)
-    _fill(model, sd[f"{_R20}A.weight"], sd[f"{_R20}B.weight"], sd[f"{_R20}U.weight"], sd[f"{_R20}U.bias"],
-          sd["Wout.weight"], sd["Wout.bias"])
+    _fill(
+        model,
+        sd[f"{_R20}A.weight"],
+        sd[f"{_R20}B.weight"],
+        sd[f"{_R20}U.weight"],
+        sd[f"{_R20}U.bias"],
+        sd["Wout.weight"],
+        sd["Wout.bias"],
+    )
     return model
 
 
@@ -163,8 +192,10 @@ def load_companion_2026(source: Source, learn_m: bool = True, **kwargs: Any) -> 
     r, n = _shape(sd, "mon.core.A", (None, None), fmt)
     _shape(sd, "mon.core.S", (n, n), fmt)
     if sd["mon.core.m_raw"].numel() != 1:
-        raise CheckpointError(f"{fmt} checkpoint entry mon.core.m_raw has shape "
-                              f"{tuple(sd['mon.core.m_raw'].shape)}, expected a scalar")
+        raise CheckpointError(
+            f"{fmt} checkpoint entry mon.core.m_raw has shape "
+            f"{tuple(sd['mon.core.m_raw'].shape)}, expected a scalar"
+        )
     _, d = _shape(sd, "mon.core.U", (n, None), fmt)
     _shape(sd, "mon.core.b", (n,), fmt)
     C, _ = _shape(sd, "classifier.weight", (None, n), fmt)
@@ -175,8 +206,15 @@ def load_companion_2026(source: Source, learn_m: bool = True, **kwargs: Any) -> 
     if learn_m:
         with torch.no_grad():
             model.core.m_raw.copy_(m_raw)
-    _fill(model, sd["mon.core.A"], sd["mon.core.S"], sd["mon.core.U"], sd["mon.core.b"],
-          sd["classifier.weight"], sd["classifier.bias"])
+    _fill(
+        model,
+        sd["mon.core.A"],
+        sd["mon.core.S"],
+        sd["mon.core.U"],
+        sd["mon.core.b"],
+        sd["classifier.weight"],
+        sd["classifier.bias"],
+    )
     return model
 
 
@@ -234,8 +272,10 @@ def load_reference_2020_conv(
     _check_keys(sd, REFERENCE_2020_CONV_KEYS, fmt)
     C, C_in, k, _ = _shape(sd, f"{_R20}U.weight", (None, None, None, None), fmt)
     if k % 2 == 0 or sd[f"{_R20}U.weight"].shape[3] != k:
-        raise CheckpointError(f"{fmt} checkpoint has a {k} x {sd[f'{_R20}U.weight'].shape[3]} kernel; "
-                              "only square odd kernels are supported")
+        raise CheckpointError(
+            f"{fmt} checkpoint has a {k} x {sd[f'{_R20}U.weight'].shape[3]} kernel; "
+            "only square odd kernels are supported"
+        )
     _shape(sd, f"{_R20}U.bias", (C,), fmt)
     _shape(sd, f"{_R20}A.weight", (C, C, k, k), fmt)
     _shape(sd, f"{_R20}B.weight", (C, C, k, k), fmt)
@@ -246,8 +286,10 @@ def load_reference_2020_conv(
             )
     g, h = sd[f"{_R20}g"].reshape(()), sd[f"{_R20}h"].reshape(())
     if float(g) < 0:
-        raise CheckpointError(f"{fmt} checkpoint has g = {float(g):.4g} < 0: W = (1 - m) I - g A^T A + ... "
-                              "is not monotone by construction")
+        raise CheckpointError(
+            f"{fmt} checkpoint has g = {float(g):.4g} < 0: W = (1 - m) I - g A^T A + ... "
+            "is not monotone by construction"
+        )
     A, B = sd[f"{_R20}A.weight"], sd[f"{_R20}B.weight"]
     for key, t in ((f"{_R20}A.weight", A), (f"{_R20}B.weight", B)):
         if float(t.norm()) == 0:
@@ -259,13 +301,25 @@ def load_reference_2020_conv(
     Cout, _ = _shape(sd, "Wout.weight", (None, C * (H // pool) * (W // pool)), fmt)
     _shape(sd, "Wout.bias", (Cout,), fmt)
     core = MonotoneConv(C_in, C, (H, W), k, m=m, learn_m=False)
-    model = MonDEQClassifier(num_classes=Cout, in_shape=(C_in, H, W), conv_channels=[C], kernel_size=k,
-                             pool=pool, core=core, **kwargs)
+    model = MonDEQClassifier(
+        num_classes=Cout,
+        in_shape=(C_in, H, W),
+        conv_channels=[C],
+        kernel_size=k,
+        pool=pool,
+        core=core,
+        **kwargs,
+    )
     head = model.head
     with torch.no_grad():
-        pairs = ((core.A[0], A_eff), (core.B[0], B_eff), (core.U, sd[f"{_R20}U.weight"]),
-                 (core.b, sd[f"{_R20}U.bias"]), (head.weight, sd["Wout.weight"]),
-                 (head.bias, sd["Wout.bias"]))
+        pairs = (
+            (core.A[0], A_eff),
+            (core.B[0], B_eff),
+            (core.U, sd[f"{_R20}U.weight"]),
+            (core.b, sd[f"{_R20}U.bias"]),
+            (head.weight, sd["Wout.weight"]),
+            (head.bias, sd["Wout.bias"]),
+        )
         for p, t in pairs:
             if t.dtype != p.dtype:
                 raise CheckpointError(f"checkpoint tensor is {t.dtype}, the model stores {p.dtype}")

@@ -99,8 +99,17 @@ class _ImplicitEquilibrium(torch.autograd.Function):
         active = (op.matvec(z) + v) > 0
         init = cfg.warm.get("backward") if cfg.warm is not None else None
         u, stats = solve_adjoint(
-            op, g, active, cfg.method, ctx.alpha, cfg.backward_tol, cfg.backward_max_iter, cfg.check_every,
-            cfg.accelerator, cfg.accelerator_options, init,
+            op,
+            g,
+            active,
+            cfg.method,
+            ctx.alpha,
+            cfg.backward_tol,
+            cfg.backward_max_iter,
+            cfg.check_every,
+            cfg.accelerator,
+            cfg.accelerator_options,
+            init,
         )
         if cfg.warm is not None and stats.iterate is not None:
             cfg.warm["backward"] = stats.iterate
@@ -116,8 +125,18 @@ class _ImplicitEquilibrium(torch.autograd.Function):
 
 def _forward_solve(op: Operator, v: Tensor, cfg: _SolveConfig) -> tuple[Tensor, SolverStats]:
     init = cfg.warm.get("forward") if cfg.warm is not None else None
-    z, stats = solve(op, v, cfg.method, cfg.alpha, cfg.tol, cfg.max_iter, cfg.check_every,
-                     cfg.accelerator, cfg.accelerator_options, init)
+    z, stats = solve(
+        op,
+        v,
+        cfg.method,
+        cfg.alpha,
+        cfg.tol,
+        cfg.max_iter,
+        cfg.check_every,
+        cfg.accelerator,
+        cfg.accelerator_options,
+        init,
+    )
     if cfg.warm is not None and stats.iterate is not None:
         cfg.warm["forward"] = stats.iterate
     return z, stats
@@ -140,10 +159,17 @@ def implicit_equilibrium(
 
     Returns ``(z*, recorder)``; ``recorder.forward`` / ``recorder.backward`` hold the solves' stats.
     """
-    cfg = _SolveConfig(method, alpha, tol, max_iter, check_every,
-                       tol if backward_tol is None else backward_tol,
-                       max_iter if backward_max_iter is None else backward_max_iter,
-                       accelerator, accelerator_options)
+    cfg = _SolveConfig(
+        method,
+        alpha,
+        tol,
+        max_iter,
+        check_every,
+        tol if backward_tol is None else backward_tol,
+        max_iter if backward_max_iter is None else backward_max_iter,
+        accelerator,
+        accelerator_options,
+    )
     rec = _Recorder()
     return _ImplicitEquilibrium.apply(v, op.weight, op, cfg, rec), rec
 
@@ -218,17 +244,31 @@ class MonDEQLayer(nn.Module):
         self.last_backward_stats: SolverStats | None = None
 
     def _config(self, alpha: Alpha) -> _SolveConfig:
-        return _SolveConfig(self.solver, alpha, self.tol, self.max_iter, self.check_every,
-                            self.backward_tol, self.backward_max_iter, self.accelerator,
-                            self.accelerator_options, self._warm if self.warm_start else None)
+        return _SolveConfig(
+            self.solver,
+            alpha,
+            self.tol,
+            self.max_iter,
+            self.check_every,
+            self.backward_tol,
+            self.backward_max_iter,
+            self.accelerator,
+            self.accelerator_options,
+            self._warm if self.warm_start else None,
+        )
 
     def _operator(self, weight: Tensor, v: Tensor) -> tuple[Operator, Alpha]:
         """The realized operator for ``weight`` (cached while ``W`` is bit-identical) and the step."""
         w = weight.detach()
         cached = self._op_cache
-        if (self.cache_operator and cached is not None and cached[0].weight.shape == w.shape
-                and cached[0].weight.dtype == w.dtype and cached[0].weight.device == w.device
-                and torch.equal(cached[0].weight, w)):
+        if (
+            self.cache_operator
+            and cached is not None
+            and cached[0].weight.shape == w.shape
+            and cached[0].weight.dtype == w.dtype
+            and cached[0].weight.device == w.device
+            and torch.equal(cached[0].weight, w)
+        ):
             op, tuned = cached
         else:
             op, tuned = self.core.build_operator(w), None

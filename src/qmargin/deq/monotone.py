@@ -340,9 +340,11 @@ class MonotoneMultiConv(MonotoneParameterization):
         )
         self.D = nn.ParameterList(
             [
-                nn.Parameter(_uniform_(
-                    torch.empty(channels[t], channels[t - 1], k, k, **factory), channels[t - 1] * k * k
-                ))
+                nn.Parameter(
+                    _uniform_(
+                        torch.empty(channels[t], channels[t - 1], k, k, **factory), channels[t - 1] * k * k
+                    )
+                )
                 for t in range(1, T)
             ]
         )
@@ -382,7 +384,9 @@ class MonotoneMultiConv(MonotoneParameterization):
         m = self.m
         ATAz = self.apply_AT(self.apply_A(z))
         return [
-            (1 - m) * z[t] - ATAz[t] + circular_conv2d(z[t], self.B[t])
+            (1 - m) * z[t]
+            - ATAz[t]
+            + circular_conv2d(z[t], self.B[t])
             - circular_conv2d_adjoint(z[t], self.B[t], 1, self._tier_hw(z, t))
             for t in range(len(z))
         ]
@@ -417,7 +421,9 @@ class MonotoneMultiConv(MonotoneParameterization):
         def positive(z: list[Tensor]) -> list[Tensor]:
             ata = self.apply_AT(self.apply_A(z, A, D), A, D)
             return [
-                z[t] + ata[t] + circular_conv2d(z[t], Bs[t])
+                z[t]
+                + ata[t]
+                + circular_conv2d(z[t], Bs[t])
                 + circular_conv2d_adjoint(z[t], Bs[t], 1, self._tier_hw(z, t))
                 for t in range(len(z))
             ]

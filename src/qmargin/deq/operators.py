@@ -341,4 +341,3 @@ class ConvOperator:
         n = math.prod(self.state_shape)
         basis = torch.eye(n, dtype=self.weight.dtype, device=self.weight.device).reshape(n, *self.state_shape)
         return self.matvec(basis).reshape(n, n).mT
-

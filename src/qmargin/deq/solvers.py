@@ -142,8 +142,21 @@ class SolverStats:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (per-sample tensors reduced to a count of non-converged samples)."""
-        d = {k: getattr(self, k) for k in ("iterations", "residual", "converged", "time_s", "alpha",
-                                           "method", "tol", "mu", "L", "finite")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "iterations",
+                "residual",
+                "converged",
+                "time_s",
+                "alpha",
+                "method",
+                "tol",
+                "mu",
+                "L",
+                "finite",
+            )
+        }
         if not math.isfinite(d["residual"]):
             d["residual"] = None
         if self.sample_converged is not None:
@@ -460,7 +473,12 @@ class _Problem:
 
 
 def _plain(
-    sp: PreparedSplitting, pb: _Problem, x: Tensor, tol: float, max_iter: int, check_every: int,
+    sp: PreparedSplitting,
+    pb: _Problem,
+    x: Tensor,
+    tol: float,
+    max_iter: int,
+    check_every: int,
     trace: list[Tensor] | None,
 ) -> tuple[Tensor, Tensor, int, Tensor, float]:
     """The plain splitting ``x <- T(x)``; returns ``(x, z, iterations, r, max r)``."""
@@ -483,8 +501,15 @@ def _plain(
 
 
 def _accelerated(
-    sp: PreparedSplitting, pb: _Problem, acc: Accelerator, rho: float, x: Tensor, tol: float,
-    max_iter: int, check_every: int, trace: list[Tensor] | None,
+    sp: PreparedSplitting,
+    pb: _Problem,
+    acc: Accelerator,
+    rho: float,
+    x: Tensor,
+    tol: float,
+    max_iter: int,
+    check_every: int,
+    trace: list[Tensor] | None,
 ) -> tuple[Tensor, Tensor, int, Tensor, float, int, int]:
     """Safeguarded accelerated iteration (module docstring): ``(x, z, it, r, max r, evals, rejected)``.
 
@@ -616,8 +641,15 @@ def _run(
                 mu, L = _margin(realized)
             rho = spl.rate(a, mu, L) if L > 0 and math.isfinite(L) else None
             x, z, it, r, rmax, evals, rejected = _accelerated(
-                sp, pb, factory(**(accelerator_options or {})), 1.0 if rho is None else rho, x0, tol,
-                max_iter, check_every, tr,
+                sp,
+                pb,
+                factory(**(accelerator_options or {})),
+                1.0 if rho is None else rho,
+                x0,
+                tol,
+                max_iter,
+                check_every,
+                tr,
             )
     finite = math.isfinite(rmax)
     stats = SolverStats(
@@ -678,8 +710,21 @@ def solve(
 
     Returns ``(z, stats)``. Non-convergence and NaN/inf are reported in ``stats`` (module docstring).
     """
-    return _run(op, x_injection, False, torch.relu, method, alpha, tol, max_iter, check_every,
-                accelerator, accelerator_options, init, trace)
+    return _run(
+        op,
+        x_injection,
+        False,
+        torch.relu,
+        method,
+        alpha,
+        tol,
+        max_iter,
+        check_every,
+        accelerator,
+        accelerator_options,
+        init,
+        trace,
+    )
 
 
 def solve_adjoint(
@@ -704,5 +749,18 @@ def solve_adjoint(
     ``dL/dv = u`` and ``dL/dW = sum_i u_i z*_i^T`` (for a dense ``W``).
     """
     D = active.to(grad.dtype)
-    return _run(op, grad, True, lambda t: t * D, method, alpha, tol, max_iter, check_every,
-                accelerator, accelerator_options, init, trace)
+    return _run(
+        op,
+        grad,
+        True,
+        lambda t: t * D,
+        method,
+        alpha,
+        tol,
+        max_iter,
+        check_every,
+        accelerator,
+        accelerator_options,
+        init,
+        trace,
+    )

@@ -239,8 +239,9 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
                 raise invalid(where, f"{name}: a result with a stopping rule holds a prefix of patterns")
             if status == "complete" and rule.stop_point(values, repeats) != len(values):
                 raise invalid(
-                    where, f"{name} has {len(values)} {key}; its stopping rule stops at "
-                    f"{rule.stop_point(values, repeats)}"
+                    where,
+                    f"{name} has {len(values)} {key}; its stopping rule stops at "
+                    f"{rule.stop_point(values, repeats)}",
                 )
         _valid_patterns(
             where, entry, name, len(vals), repeats, i, shard, complete=status == "complete" and rule is None

@@ -192,8 +192,13 @@ def run_mondeq_reproduction(
     if isinstance(preset_override, ConvPreset) or (preset_override is None and preset in CONV_PRESETS):
         conv = preset_override if isinstance(preset_override, ConvPreset) else None
         return run_mondeq_conv_reproduction(
-            preset=preset, out_dir=out_dir, results_dir=results_dir, log=log, preset_override=conv,
-            dataset=dataset, progress=progress,
+            preset=preset,
+            out_dir=out_dir,
+            results_dir=results_dir,
+            log=log,
+            preset_override=conv,
+            dataset=dataset,
+            progress=progress,
         )
     p = preset_override if isinstance(preset_override, MonDEQPreset) else FC_PRESETS[preset]
     out = Path(out_dir)

@@ -116,8 +116,14 @@ def inject_activations(
 
     def edit(layer: str, codes: Tensor) -> None:
         hit = corrupt_activation_codes_(
-            codes, quantizers.spec.bits, error_model, seed, layer, max(state["batch"], 0),
-            storage=quantizers.spec.storage, saturate=quantizers.spec.saturate,
+            codes,
+            quantizers.spec.bits,
+            error_model,
+            seed,
+            layer,
+            max(state["batch"], 0),
+            storage=quantizers.spec.storage,
+            saturate=quantizers.spec.saturate,
         )
         report.bits_hit[layer] = report.bits_hit.get(layer, 0) + hit
         report.words[layer] = report.words.get(layer, 0) + codes.numel()

@@ -154,8 +154,11 @@ class BitErrorModel:
         put(self, "stuck_at_0", stuck.stuck_at_0)
         put(self, "stuck_at_1", stuck.stuck_at_1)
         selection = Selection(
-            layers=self.layers, exclude=self.exclude, layer_types=self.layer_types,
-            tensors=self.tensors, protected_bits=self.protected_bits,
+            layers=self.layers,
+            exclude=self.exclude,
+            layer_types=self.layer_types,
+            tensors=self.tensors,
+            protected_bits=self.protected_bits,
         )
         for name in ("protected_bits", "layers", "exclude", "layer_types", "tensors"):
             put(self, name, getattr(selection, name))

@@ -581,8 +581,12 @@ def stuck_at(
     rate = _check_rate("rate", rate)
     _check_seed_arg(seed)
     stuck = sample_stuck_bits(
-        codes.numel(), bits, rate_0=rate if value == 0 else 0.0, rate_1=rate if value == 1 else 0.0,
-        seed=seed, protected_bits=protected_bits,
+        codes.numel(),
+        bits,
+        rate_0=rate if value == 0 else 0.0,
+        rate_1=rate if value == 1 else 0.0,
+        seed=seed,
+        protected_bits=protected_bits,
     )
     out = codes.clone()
     force_bits_(out, bits, stuck)

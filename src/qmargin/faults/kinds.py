@@ -177,7 +177,12 @@ class RandomFlips(FaultKind):
         self, codes: Tensor, bits: int, generator: torch.Generator, protected: frozenset[int]
     ) -> FaultResult:
         sites = sample_flips(
-            codes, bits, p01=self.p01, p10=self.p10, seed=generator, protected_bits=protected,
+            codes,
+            bits,
+            p01=self.p01,
+            p10=self.p10,
+            seed=generator,
+            protected_bits=protected,
             nested_max=self.nested_max,
         )
         return FaultResult(flip_bits_(codes, bits, sites), n_flipped=sites.n_bits)
@@ -212,8 +217,12 @@ class StuckAt(FaultKind):
         self, codes: Tensor, bits: int, generator: torch.Generator, protected: frozenset[int]
     ) -> FaultResult:
         stuck = sample_stuck_bits(
-            codes.numel(), bits, rate_0=self.stuck_at_0, rate_1=self.stuck_at_1,
-            seed=generator, protected_bits=protected,
+            codes.numel(),
+            bits,
+            rate_0=self.stuck_at_0,
+            rate_1=self.stuck_at_1,
+            seed=generator,
+            protected_bits=protected,
         )
         return FaultResult(force_bits_(codes, bits, stuck), n_stuck=stuck.n_bits)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from qmargin.errors import ConfigError
 from qmargin.losses.defaults import DEFAULT_MCEL_BOUND, DEFAULT_MCEL_MARGIN
 from qmargin.losses.functional import (
     check_hinge_b,
@@ -21,7 +22,11 @@ __all__ = [
     "CrossEntropyLoss",
     "MCELoss",
     "MarginHingeLoss",
+    "HINGE_UNITS",
 ]
+
+HINGE_UNITS = ("logits", "codes")
+"""What MHL's ``z`` is measured in (:class:`MarginHingeLoss`)."""
 
 CrossEntropyLoss = nn.CrossEntropyLoss
 """Plain cross entropy: ``torch.nn.CrossEntropyLoss`` itself (re-exported for symmetry)."""
@@ -60,8 +65,14 @@ class MCELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return mcel_loss(
-            logits, target, margin=self.margin, bound=self.bound, logit_scale=self.logit_scale,
-            weight=self.weight, reduction=self.reduction, label_smoothing=self.label_smoothing,
+            logits,
+            target,
+            margin=self.margin,
+            bound=self.bound,
+            logit_scale=self.logit_scale,
+            weight=self.weight,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
         )
 
     def extra_repr(self) -> str:
@@ -74,21 +85,30 @@ class MCELoss(nn.Module):
 class MarginHingeLoss(nn.Module):
     """Margin hinge loss ``mean_j relu(b - y_pm_j z_j) / b`` with ``y_pm = 2 onehot(y) - 1``.
 
-    See :func:`qmargin.losses.functional.margin_hinge_loss`.
+    See :func:`qmargin.losses.functional.margin_hinge_loss`. ``units`` says what ``z`` is:
+    ``"logits"`` (default) the model's outputs; ``"codes"`` the outputs in units of the output layer's
+    weight scale, ``z_j / Δ_j`` (for sign weights, the popcount a BNN computes, the units in which the
+    BNN bit-error work sets ``b = 128``). The trainer applies ``"codes"``
+    (:class:`qmargin.training.code_units.InCodeUnits`); this module only records it.
     """
 
     weight: Tensor | None
 
-    def __init__(self, b: float, *, weight: Tensor | None = None, reduction: str = "mean") -> None:
+    def __init__(
+        self, b: float, *, weight: Tensor | None = None, reduction: str = "mean", units: str = "logits"
+    ) -> None:
         super().__init__()
         check_hinge_b(b)
         check_reduction(reduction)
+        if units not in HINGE_UNITS:
+            raise ConfigError(f"MHL units must be one of {', '.join(HINGE_UNITS)}, got {units!r}")
         self.b = float(b)
         self.reduction = reduction
+        self.units = units
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return margin_hinge_loss(logits, target, b=self.b, weight=self.weight, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"b={self.b}, reduction={self.reduction!r}"
+        return f"b={self.b}, reduction={self.reduction!r}, units={self.units!r}"

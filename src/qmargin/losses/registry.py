@@ -235,12 +235,12 @@ def _build_mcel(
     )
 
 
-def _build_mhl(*, b: float, weight: Any = None, reduction: str = "mean") -> nn.Module:
+def _build_mhl(*, b: float, weight: Any = None, reduction: str = "mean", units: str = "logits") -> nn.Module:
     hinge = _number("b (MHL hinge)", b)
     assert hinge is not None
     check_hinge_b(hinge)
     check_reduction(reduction)
-    return MarginHingeLoss(hinge, weight=_weight(weight), reduction=reduction)
+    return MarginHingeLoss(hinge, weight=_weight(weight), reduction=reduction, units=units)
 
 
 register_loss("ce", _build_ce, defaults={})

@@ -17,7 +17,13 @@ from qmargin.errors import ConfigError
 from qmargin.quant import QuantConv2d, QuantLinear, QuantSpec
 
 __all__ = [
-    "linear", "conv2d", "activation", "check_specs", "check_input_shape", "check_num_classes", "ACTIVATIONS",
+    "linear",
+    "conv2d",
+    "activation",
+    "check_specs",
+    "check_input_shape",
+    "check_num_classes",
+    "ACTIVATIONS",
 ]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -63,8 +69,15 @@ def conv2d(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, groups=groups
         )
     return QuantConv2d(
-        in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, groups=groups,
-        spec=spec, bias_spec=bias_spec,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        bias=bias,
+        groups=groups,
+        spec=spec,
+        bias_spec=bias_spec,
     )
 
 

@@ -59,8 +59,11 @@ class MLP(nn.Sequential):
             last = i == n_layers - 1
             has_bias = last or not batchnorm
             layers[f"fc{i + 1}"] = linear(
-                widths[i], widths[i + 1], spec=layer_spec,
-                bias_spec=bias_spec if layer_spec is not None else None, bias=has_bias,
+                widths[i],
+                widths[i + 1],
+                spec=layer_spec,
+                bias_spec=bias_spec if layer_spec is not None else None,
+                bias=has_bias,
             )
             if not last:
                 if batchnorm:

@@ -43,7 +43,11 @@ class MonDEQNet(MonDEQClassifier):
     """A :class:`~qmargin.deq.MonDEQClassifier` with the margin-aware QAT objective as ``auxiliary_loss``."""
 
     def __init__(
-        self, *args: Any, certify: bool = False, penalty_weight: float = 10.0, delta: float = 0.05,
+        self,
+        *args: Any,
+        certify: bool = False,
+        penalty_weight: float = 10.0,
+        delta: float = 0.05,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -139,8 +143,10 @@ def _check_solver(solver: object, accelerator: object = "none", alpha: object = 
         raise ConfigError(
             f"MonDEQ accelerator must be one of {', '.join(sorted(ACCELERATORS))}, got {accelerator!r}"
         )
-    if alpha is not None and alpha != "auto" and (
-        isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < float("inf")
+    if (
+        alpha is not None
+        and alpha != "auto"
+        and (isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < float("inf"))
     ):
         raise ConfigError(f"MonDEQ alpha must be a finite number > 0 or 'auto', got {alpha!r}")
 
@@ -151,7 +157,9 @@ def _check_common(tol: object, max_iter: object, kernel_size: object) -> None:
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < float("inf"):
         raise ConfigError(f"MonDEQ tol must be a finite number > 0, got {tol!r}")
     if (
-        isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1
+        isinstance(kernel_size, bool)
+        or not isinstance(kernel_size, int)
+        or kernel_size < 1
         or kernel_size % 2 == 0
     ):
         raise ConfigError(f"MonDEQ kernel_size must be an odd integer >= 1, got {kernel_size!r}")
@@ -263,10 +271,23 @@ def build_mondeq_conv(
 ) -> MonDEQNet:
     """Single-convolution MonDEQ classifier (``mondeq-conv``): ``channels`` state channels, circular."""
     return _conv_net(
-        [_channel(channels)], input_shape=input_shape, num_classes=num_classes, spec=spec,
-        bias_spec=bias_spec, kernel_size=kernel_size, pool=pool, m=m, learn_m=learn_m, solver=solver,
-        alpha=alpha, accelerator=accelerator, tol=tol, max_iter=max_iter, certify=certify,
-        penalty_weight=penalty_weight, delta=delta,
+        [_channel(channels)],
+        input_shape=input_shape,
+        num_classes=num_classes,
+        spec=spec,
+        bias_spec=bias_spec,
+        kernel_size=kernel_size,
+        pool=pool,
+        m=m,
+        learn_m=learn_m,
+        solver=solver,
+        alpha=alpha,
+        accelerator=accelerator,
+        tol=tol,
+        max_iter=max_iter,
+        certify=certify,
+        penalty_weight=penalty_weight,
+        delta=delta,
     )
 
 
@@ -307,8 +328,21 @@ def build_mondeq_multitier(
     else:
         chans = [_channel(channels)] * tiers
     return _conv_net(
-        chans, input_shape=input_shape, num_classes=num_classes, spec=spec,
-        bias_spec=bias_spec, kernel_size=kernel_size, pool=pool, m=m, learn_m=learn_m, solver=solver,
-        alpha=alpha, accelerator=accelerator, tol=tol, max_iter=max_iter, certify=certify,
-        penalty_weight=penalty_weight, delta=delta,
+        chans,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        spec=spec,
+        bias_spec=bias_spec,
+        kernel_size=kernel_size,
+        pool=pool,
+        m=m,
+        learn_m=learn_m,
+        solver=solver,
+        alpha=alpha,
+        accelerator=accelerator,
+        tol=tol,
+        max_iter=max_iter,
+        certify=certify,
+        penalty_weight=penalty_weight,
+        delta=delta,
     )

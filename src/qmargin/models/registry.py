@@ -167,8 +167,14 @@ def _build_mlp(
     keep_first_last_float: bool = False,
 ) -> nn.Module:
     return MLP(
-        math.prod(input_shape), num_classes, hidden, spec=spec, bias_spec=bias_spec, batchnorm=batchnorm,
-        activation=activation, keep_first_last_float=keep_first_last_float,
+        math.prod(input_shape),
+        num_classes,
+        hidden,
+        spec=spec,
+        bias_spec=bias_spec,
+        batchnorm=batchnorm,
+        activation=activation,
+        keep_first_last_float=keep_first_last_float,
     )
 
 
@@ -184,8 +190,14 @@ def _build_vgg3(
     keep_first_last_float: bool = False,
 ) -> nn.Module:
     return vgg3(
-        input_shape, num_classes, spec=spec, bias_spec=bias_spec, channels=channels, hidden=hidden,
-        batchnorm=batchnorm, keep_first_last_float=keep_first_last_float,
+        input_shape,
+        num_classes,
+        spec=spec,
+        bias_spec=bias_spec,
+        channels=channels,
+        hidden=hidden,
+        batchnorm=batchnorm,
+        keep_first_last_float=keep_first_last_float,
     )
 
 
@@ -201,8 +213,14 @@ def _build_vgg7(
     keep_first_last_float: bool = False,
 ) -> nn.Module:
     return vgg7(
-        input_shape, num_classes, spec=spec, bias_spec=bias_spec, channels=channels, hidden=hidden,
-        batchnorm=batchnorm, keep_first_last_float=keep_first_last_float,
+        input_shape,
+        num_classes,
+        spec=spec,
+        bias_spec=bias_spec,
+        channels=channels,
+        hidden=hidden,
+        batchnorm=batchnorm,
+        keep_first_last_float=keep_first_last_float,
     )
 
 
@@ -217,7 +235,12 @@ def _build_resnet20(
     keep_first_last_float: bool = False,
 ) -> nn.Module:
     return resnet20(
-        num_classes, input_shape[0], spec, bias_spec, shortcut=shortcut, widths=widths,
+        num_classes,
+        input_shape[0],
+        spec,
+        bias_spec,
+        shortcut=shortcut,
+        widths=widths,
         keep_first_last_float=keep_first_last_float,
     )
 

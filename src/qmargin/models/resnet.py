@@ -163,8 +163,14 @@ def resnet20(
 ) -> CifarResNet:
     """ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels); see :class:`CifarResNet`."""
     return CifarResNet(
-        num_classes, in_channels, spec, bias_spec,
-        blocks_per_stage=3, widths=widths, shortcut=shortcut, keep_first_last_float=keep_first_last_float,
+        num_classes,
+        in_channels,
+        spec,
+        bias_spec,
+        blocks_per_stage=3,
+        widths=widths,
+        shortcut=shortcut,
+        keep_first_last_float=keep_first_last_float,
     )
 
 
@@ -239,4 +245,3 @@ def resnet18(
 ) -> ResNet18:
     """ResNet-18; see :class:`ResNet18`."""
     return ResNet18(input_shape, num_classes, spec, bias_spec, keep_first_last_float=keep_first_last_float)
-

@@ -120,8 +120,14 @@ def vgg3(
 ) -> VGG:
     """VGG3: one 3x3 conv per stage (``channels``, a max pool after each), one hidden fc, the head."""
     return VGG(
-        input_shape, num_classes, tuple((ch,) for ch in channels), (hidden,),
-        spec=spec, bias_spec=bias_spec, batchnorm=batchnorm, keep_first_last_float=keep_first_last_float,
+        input_shape,
+        num_classes,
+        tuple((ch,) for ch in channels),
+        (hidden,),
+        spec=spec,
+        bias_spec=bias_spec,
+        batchnorm=batchnorm,
+        keep_first_last_float=keep_first_last_float,
     )
 
 
@@ -138,6 +144,12 @@ def vgg7(
 ) -> VGG:
     """VGG7: two 3x3 convs per stage (``channels``, a max pool after each), one hidden fc, the head."""
     return VGG(
-        input_shape, num_classes, tuple((ch, ch) for ch in channels), (hidden,),
-        spec=spec, bias_spec=bias_spec, batchnorm=batchnorm, keep_first_last_float=keep_first_last_float,
+        input_shape,
+        num_classes,
+        tuple((ch, ch) for ch in channels),
+        (hidden,),
+        spec=spec,
+        bias_spec=bias_spec,
+        batchnorm=batchnorm,
+        keep_first_last_float=keep_first_last_float,
     )

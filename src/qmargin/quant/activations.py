@@ -204,9 +204,7 @@ class ActivationQuantizers:
 
     # -- calibration and state --------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(
-        self, batches: Iterable[Tensor], method: str = "minmax", percentile: float = 99.99
-    ) -> None:
+    def calibrate(self, batches: Iterable[Tensor], method: str = "minmax", percentile: float = 99.99) -> None:
         """Record each layer's range over the outputs of ``batches`` (inputs), run in eval mode."""
         self._collect = {n: [] for n in self.layers}
         was_training = self.model.training

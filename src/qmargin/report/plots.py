@@ -257,7 +257,6 @@ def mondeq_displacement_figure(summary: Mapping[str, Any]) -> Figure:
     return fig
 
 
-
 def plot_mondeq_conv_certificates(summary: Mapping[str, Any], path: str | Path) -> Path:
     """Conv preset: exact per-frequency ``||dW||_2`` and ``mu(W~)`` of the PTQ sweep against ``mu(W)``,
     with the certified-QAT models as separate markers (their own ``mu(W)`` as short bars)."""

@@ -225,7 +225,10 @@ def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     plain = {
         "cuda_devices": n_cuda,
         "numpy": {
-            "kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
+            "kind": kind,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
         },
         "python": {"version": version, "gauss_next": gauss_next},
     }
@@ -325,7 +328,7 @@ def load_checkpoint(
     validate_trainer_state(run_dir / STATE_FILE, plain, epochs=epochs, state_format=STATE_FORMAT)
     epoch, step = plain["epoch"], plain["global_step"]
     ckpt = run_dir / CHECKPOINT_FILE
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     optim_sd = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     rng_sd = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     check_weights(ckpt, model_sd, model.state_dict())

@@ -162,8 +162,13 @@ class TrainConfig:
         self._set("model_kwargs", _json_mapping("model_kwargs", self.model_kwargs))
 
     def _number(
-        self, name: str, *, lo: float | None = None, hi: float | None = None,
-        lo_open: bool = False, hi_open: bool = False,
+        self,
+        name: str,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        hi_open: bool = False,
     ) -> None:
         v = getattr(self, name)
         if not _is_num(v):

@@ -50,6 +50,7 @@ from qmargin.training.checkpoint import (
     save_checkpoint,
     save_tensors,
 )
+from qmargin.training.code_units import wrap_loss_units
 from qmargin.training.config import TrainConfig, resolve_defaults
 from qmargin.training.factory import make_loss, make_model, make_optimizer, make_scheduler, resolve_device
 from qmargin.training.randbet import RandBET, clip_weights_
@@ -344,7 +345,7 @@ def train(
 
     seed_everything(cfg.seed)
     model = make_model(cfg, input_shape, num_classes).to(device)
-    loss_fn = make_loss(cfg).to(device)
+    loss_fn = wrap_loss_units(make_loss(cfg).to(device), model)
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = make_scheduler(cfg, optimizer)
     randbet = RandBET(cfg.train_ber, cfg.seed) if cfg.randbet else None
@@ -379,10 +380,16 @@ def train(
     n = int(x_train.shape[0])
     steps_per_epoch = len(_batches(torch.arange(n), cfg.batch_size))
     if progress is not None and state.epoch < cfg.epochs:
-        progress(state.epoch + 1, state.global_step, {
-            "event": "start", "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch,
-            "resumed_epoch": resumed_epoch,
-        })
+        progress(
+            state.epoch + 1,
+            state.global_step,
+            {
+                "event": "start",
+                "epochs": cfg.epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "resumed_epoch": resumed_epoch,
+            },
+        )
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -418,8 +425,11 @@ def train(
                 loss_err_sum += loss_err.double() * bs
             if progress is not None:
                 step_metrics = {
-                    "event": "step", "batch": b, "steps_per_epoch": steps_per_epoch,
-                    "loss": float(loss), "acc": float(batch_correct) / bs,
+                    "event": "step",
+                    "batch": b,
+                    "steps_per_epoch": steps_per_epoch,
+                    "loss": float(loss),
+                    "acc": float(batch_correct) / bs,
                 }
                 if loss_err is not None:
                     step_metrics["loss_err"] = float(loss_err)
@@ -478,16 +488,27 @@ def _finish(
     for name in (CHECKPOINT_FILE, STATE_FILE):
         (run_dir / name).unlink(missing_ok=True)
     return TrainResult(
-        run_dir=run_dir, config=cfg, model=model, history=history, test_acc=float(metrics["test_acc"]),
-        train_time_s=metrics["train_time_s"], metrics=metrics, resumed_epoch=resumed_epoch,
+        run_dir=run_dir,
+        config=cfg,
+        model=model,
+        history=history,
+        test_acc=float(metrics["test_acc"]),
+        train_time_s=metrics["train_time_s"],
+        metrics=metrics,
+        resumed_epoch=resumed_epoch,
     )
 
 
 def _stored_result(run_dir: Path, device: torch.device) -> TrainResult:
     model, cfg, metrics = load_run(run_dir, device=device)  # metrics validated by load_run
     return TrainResult(
-        run_dir=run_dir, config=cfg, model=model, history=list(metrics["history"]),
+        run_dir=run_dir,
+        config=cfg,
+        model=model,
+        history=list(metrics["history"]),
         test_acc=float(metrics["test_acc"]),
         train_time_s=float(metrics["train_time_s"]),
-        metrics=metrics, resumed_epoch=int(metrics.get("resumed_epoch", 0)), skipped=True,
+        metrics=metrics,
+        resumed_epoch=int(metrics.get("resumed_epoch", 0)),
+        skipped=True,
     )

@@ -64,9 +64,7 @@ def req_list(where: str | Path, value: Any, name: str, *, length: int | None = N
     return value
 
 
-def req_int(
-    where: str | Path, value: Any, name: str, *, lo: int | None = 0, hi: int | None = None
-) -> int:
+def req_int(where: str | Path, value: Any, name: str, *, lo: int | None = 0, hi: int | None = None) -> int:
     """An integer (not a bool, not a float, not a string) in ``[lo, hi]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(where, f"{name} must be an integer, got {_kind(value)}")

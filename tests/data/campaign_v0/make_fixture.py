@@ -68,9 +68,17 @@ def main() -> None:
         opt.step()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(HERE / "mlp.safetensors"))
     run_ber_campaign(
-        model, xte, yte, bers=[0.0, 0.02, 0.1], repeats=4, base_seed=11, batch_size=128,
-        out_path=HERE / "plain.json", config={"fixture": "plain"},
+        model,
+        xte,
+        yte,
+        bers=[0.0, 0.02, 0.1],
+        repeats=4,
+        base_seed=11,
+        batch_size=128,
+        out_path=HERE / "plain.json",
+        config={"fixture": "plain"},
     )
+
     class Stop(Exception):  # noqa: N818
         pass
 
@@ -80,14 +88,29 @@ def main() -> None:
 
     try:  # noqa: SIM105  (the same campaign stopped after 6 of its 12 patterns: status "partial")
         run_ber_campaign(
-            model, xte, yte, bers=[0.0, 0.02, 0.1], repeats=4, base_seed=11, batch_size=128,
-            out_path=HERE / "plain_partial.json", config={"fixture": "plain"}, progress=stop_after_6,
+            model,
+            xte,
+            yte,
+            bers=[0.0, 0.02, 0.1],
+            repeats=4,
+            base_seed=11,
+            batch_size=128,
+            out_path=HERE / "plain_partial.json",
+            config={"fixture": "plain"},
+            progress=stop_after_6,
         )
     except Stop:
         pass
     run_ber_campaign(
-        Flagged(model, THRESHOLD), xte, yte, bers=[0.0, 0.05], repeats=3, base_seed=3, batch_size=50,
-        out_path=HERE / "flagged.json", config={"fixture": "flagged"},
+        Flagged(model, THRESHOLD),
+        xte,
+        yte,
+        bers=[0.0, 0.05],
+        repeats=3,
+        base_seed=3,
+        batch_size=50,
+        out_path=HERE / "flagged.json",
+        config={"fixture": "flagged"},
     )
 
 
