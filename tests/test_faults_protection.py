@@ -457,3 +457,15 @@ def test_activation_errors_refuse_a_per_layer_model():
         inject_activations(q, ProtectedErrorModel("secded64"), 0),
     ):
         pass
+
+
+def test_zero_policy_acts_on_the_stored_words_of_the_format():
+    """DUE 'zero' returns an all-zero data word: code 0 in two's complement, the most negative code
+    (-8 at 4 bits) in offset binary (docs/bit-conventions.md, "Packing codes into ECC words")."""
+    m = _model()
+    for storage, expected in (("twos", 0), ("offset", -8)):
+        em = ProtectedErrorModel("0=secded32:zero", ber=0.05, storage=storage)
+        with inject(m, em, 2) as report:
+            groups = m[0].stored("weight").codes.reshape(-1, 8)  # 8 four-bit codes per 32-bit word
+            cleared = (groups == expected).all(dim=1)
+            assert report.n_due > 0 and int(cleared.sum()) >= report.n_due, (storage, report.n_due)
