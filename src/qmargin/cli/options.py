@@ -401,15 +401,16 @@ class Shard(QmarginType):
 class Protection(QmarginType):
     """A protection spec, ``[PATTERN=]SCHEME,...`` with SCHEME ``none | msbK | secdedK | secded(N,K) |
     parity[K]`` (``:keep|zero|flag`` for secded / parity): :mod:`qmargin.faults.protection`, parsed
-    there (imported only when the flag is given: it loads torch) -> the canonical spec text."""
+    there through ``qmargin.experiments`` (imported only when the flag is given: it loads torch) ->
+    the canonical spec text."""
 
     name = "protection spec"
     metavar = "SPEC"
 
     def parse(self, text: str) -> str:
-        from qmargin.faults.protection import ProtectionSpec  # lazy: torch
+        from qmargin.experiments.evaluate import protection_spec_text  # lazy: torch
 
-        return ProtectionSpec.parse(text).text  # ConfigError is a ValueError: one line, exit 2
+        return protection_spec_text(text)  # ConfigError is a ValueError: one line, exit 2
 
     def invalid_examples(self) -> list[str]:
         return [

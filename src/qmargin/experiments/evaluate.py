@@ -12,7 +12,7 @@ from qmargin.engine.metrics import Metric, resolve_metric
 from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign, weights_record
-from qmargin.faults import WEIGHT_TENSORS, BitErrorModel, ProtectedErrorModel
+from qmargin.faults import WEIGHT_TENSORS, BitErrorModel, ProtectedErrorModel, ProtectionSpec
 from qmargin.files import check_outputs, holds_lock
 from qmargin.training import load_run, resolve_device
 from qmargin.training.checkpoint import CONFIG_FILE, INTEGER_FILE, METRICS_FILE, MODEL_FILE
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "evaluate_run",
     "error_model_for",
+    "protection_spec_text",
     "post_training_quantized",
     "run_input_files",
     "DEFAULT_PTQ_BITS",
@@ -95,6 +96,12 @@ def error_model_for(
         saturate=saturate,
         nested_max=nested_max,
     )
+
+
+def protection_spec_text(text: str) -> str:
+    """The canonical text of a ``--protect`` spec (:class:`qmargin.faults.ProtectionSpec`); a
+    one-line ``ConfigError`` for a bad one (what the CLI's option type checks while parsing)."""
+    return ProtectionSpec.parse(text).text
 
 
 def run_input_files(path: str | Path) -> list[Path]:
