@@ -469,3 +469,17 @@ def test_zero_policy_acts_on_the_stored_words_of_the_format():
             groups = m[0].stored("weight").codes.reshape(-1, 8)  # 8 four-bit codes per 32-bit word
             cleared = (groups == expected).all(dim=1)
             assert report.n_due > 0 and int(cleared.sum()) >= report.n_due, (storage, report.n_due)
+
+
+def test_shards_merge_with_their_dues(tmp_path):
+    from qmargin.engine.store import merge_results
+
+    m = _model()
+    em = ProtectedErrorModel("parity:flag", ber=0.0)
+    kw = {"bers": [0.001, 0.01], "repeats": 3, "base_seed": 0, "error_model": em}
+    whole = run_campaign(m, Evaluation(_data()), **kw)
+    shards = [run_campaign(m, Evaluation(_data()), shard=(i, 2), **kw) for i in (1, 2)]
+    merged = merge_results([("a", shards[0]), ("b", shards[1])])
+    for a, b in zip(merged["results"], whole["results"], strict=True):
+        assert a["dues"] == b["dues"] and a["flagged"] == b["flagged"]
+    assert merged["protection"] == whole["protection"]
