@@ -33,6 +33,7 @@ from qmargin.faults import (
 from qmargin.faults.functional import make_generator
 from qmargin.interop import stored_code_groups
 from qmargin.quant import QuantSpec, quantize_model, quantized_modules
+from qmargin.stats import summarize_accuracies
 
 # -- parity: the law ---------------------------------------------------------------------------------
 
@@ -483,3 +484,22 @@ def test_shards_merge_with_their_dues(tmp_path):
     for a, b in zip(merged["results"], whole["results"], strict=True):
         assert a["dues"] == b["dues"] and a["flagged"] == b["flagged"]
     assert merged["protection"] == whole["protection"]
+
+
+def test_a_protected_campaign_resumes_with_its_dues(tmp_path):
+    m = _model()
+    out = tmp_path / "r.json"
+    kw = {"bers": [0.01], "repeats": 3, "base_seed": 0, "error_model": ProtectedErrorModel("secded32:flag")}
+    first = run_campaign(m, Evaluation(_data()), out_path=out, **kw)
+    partial = json.loads(out.read_text())  # cut the file back to two patterns, as an interrupted run
+    row = partial["results"][0]
+    for key in ("accuracies", "dues"):
+        row[key] = row[key][:2]
+    row.update(summarize_accuracies(row["accuracies"]))
+    clean = [a for a, d in zip(row["accuracies"], row["dues"], strict=True) if d == 0]
+    row["flagged"] = sum(d > 0 for d in row["dues"]) / 2
+    row["unflagged_mean"] = sum(clean) / len(clean) if clean else None
+    partial["status"] = "partial"
+    out.write_text(json.dumps(partial))
+    again = run_campaign(m, Evaluation(_data()), out_path=out, **kw)
+    assert again["results"] == first["results"] and again["timing"]["patterns_done"] == 3
