@@ -437,15 +437,16 @@ class ProtectionPlan:
 
     @classmethod
     def build(cls, model: nn.Module, error_model: ProtectedErrorModel) -> ProtectionPlan:
+        """Resolve ``error_model.spec`` on every stored tensor of ``model`` its selection hits (the
+        rule :func:`~qmargin.faults.error_model.route` applies: first match, a tie by any of its
+        names); ``ConfigError`` as :meth:`ProtectedErrorModel.plan`."""
         spec, selection = error_model.spec, error_model.selection
-        groups = [g for _, g in stored_code_groups(model) if selection.selects_stored(g)]
+        groups = [(p, g) for p, g in stored_code_groups(model) if selection.selects_stored(g)]
         if not groups:
             raise ConfigError(f"the bit error model selects no stored tensor ({selection.describe()})")
         entries = []
         hit_layers: list[str] = []
-        for provider, group in stored_code_groups(model):
-            if not selection.selects_stored(group):
-                continue
+        for provider, group in groups:
             name, module, tensor = group[0]
             hit_layers += [n for n, _, _ in group]
             index = None
