@@ -186,7 +186,7 @@ def test_registry_rejects_duplicates_and_non_kinds(registry):
     with pytest.raises(ConfigError):
         register_fault_kind("", Other)
     assert register_fault_kind("other", Other) is Other
-    assert list(fault_kinds()) == ["flips", "stuck_at", "secded", "set_bit0", "other"]
+    assert list(fault_kinds()) == ["flips", "stuck_at", "secded", "parity", "set_bit0", "other"]
 
 
 def test_kinds_serialise_through_the_registry(registry):

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from qmargin.cli import options as opt
 from qmargin.cli.interrupts import command_line
+from qmargin.cli.protection import show_protection
 from qmargin.errors import ConfigError
 from qmargin.files import check_output, check_outputs, lock_output, write_text_atomic
 from qmargin.files import write_json_atomic as atomic_write_json
@@ -396,7 +397,17 @@ def evaluate(
         opt.Ints | None,
         typer.Option(
             click_type=opt.Integers(0, 7),
-            help="Bit positions that never flip, e.g. 7 (bit 0 = LSB).",
+            help="Bit positions that never flip, e.g. 7 (bit 0 = LSB). --protect msbK is the same "
+            "for the top K positions of every layer; not combinable with --protect.",
+        ),
+    ] = None,
+    protect: Annotated[
+        str | None,
+        typer.Option(
+            click_type=opt.Protection(),
+            help="Per-layer memory protection, first match wins: [PATTERN=]SCHEME,... with SCHEME none | "
+            "msbK | secdedK | secded(72,64) | parity[K], and :keep|zero|flag for a detected "
+            "uncorrectable error; e.g. secded64 or 'conv*=msb2,fc3=secded64,*=none'.",
         ),
     ] = None,
     layers: Annotated[
@@ -626,6 +637,7 @@ def evaluate(
             saturate=saturate,
             nested=nested,
             distribute=distribute,
+            protect=protect,
         )
         return
     if run is None:
@@ -663,6 +675,7 @@ def evaluate(
             saturate=saturate,
             nested=nested,
             metric=metric,
+            protect=protect,
             **distribute,
         )
     if "ptq_bits" in result.get("config", {}):
@@ -677,6 +690,7 @@ def evaluate(
             f"({_patterns_label(result, repeats)})",
         )
     )
+    show_protection(console, result)
     if any("failures" in r for r in result["results"]):
         n_test = result.get("evaluation", {}).get("n_test", "?")
         parts = [
@@ -727,6 +741,7 @@ def _evaluate_model(
     saturate: bool | None,
     nested: bool,
     distribute: dict,
+    protect: str | None = None,
 ) -> None:
     """``qmargin evaluate --model ...``: a user's own network (qmargin.experiments.external)."""
     if data is None:
@@ -788,10 +803,12 @@ def _evaluate_model(
             storage=storage,
             saturate=saturate,
             nested=nested,
+            protect=protect,
             **distribute,
         )
     n = result.get("evaluation", {}).get("n_test", "?")
     console.print(ber_table(result, title=f"{data}: {n} samples, {_metric_label(result)}"))
+    show_protection(console, result)
     _shard_note(result)
     _activation_note(result)
     if plot:

@@ -53,6 +53,8 @@ Types:
 The activation-error options of ``evaluate`` (``--act-bits`` ...) are declared here once
 (:data:`ActBits` and the other ``Act*`` annotations) and checked together by
 :func:`activation_options`, so the command's body stays short.
+* :class:`Protection`: a per-layer protection spec (``--protect``; :mod:`qmargin.faults.protection`),
+  returned as its canonical text.
 
 A new kind of value gets a new :class:`QmarginType` subclass here, with its invalid values in
 ``invalid_examples`` (the flag test feeds them to every option of that type).
@@ -92,6 +94,7 @@ __all__ = [
     "ActOnly",
     "activation_options",
     "ACT_CALIBRATION_BATCHES",
+    "Protection",
     "Floats",
     "Ints",
     "ShardPair",
@@ -445,6 +448,36 @@ class Calibration(QmarginType):
             "percentile:nan",
             "percentile:abc",
             "minmax:1",
+        ]
+
+
+class Protection(QmarginType):
+    """A protection spec, ``[PATTERN=]SCHEME,...`` with SCHEME ``none | msbK | secdedK | secded(N,K) |
+    parity[K]`` (``:keep|zero|flag`` for secded / parity): :mod:`qmargin.faults.protection`, parsed
+    there through ``qmargin.experiments`` (imported only when the flag is given: it loads torch) ->
+    the canonical spec text."""
+
+    name = "protection spec"
+    metavar = "SPEC"
+
+    def parse(self, text: str) -> str:
+        from qmargin.experiments.evaluate import protection_spec_text  # lazy: torch
+
+        return protection_spec_text(text)  # ConfigError is a ValueError: one line, exit 2
+
+    def invalid_examples(self) -> list[str]:
+        return [
+            *super().invalid_examples(),
+            "foo",
+            "msb0",
+            "msb9",
+            "secded(73,64)",
+            "parity:maybe",
+            "*=none,fc=msb1",
+            "fc=msb1,fc=none",
+            "fc=",
+            ",",
+            "none:flag",
         ]
 
 

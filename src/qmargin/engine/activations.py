@@ -230,8 +230,9 @@ class ActivationSetup:
 @contextlib.contextmanager
 def cell_errors(
     model: nn.Module, template: Any, setup: ActivationSetup, ber: float, seed: int
-) -> Iterator[None]:
-    """Inside the block: the weight errors of the cell (grid BER ``ber``, seed ``seed``; none when
+) -> Iterator[Any]:
+    """Yields the weight injection's report (``None`` without weight errors). Inside the block: the
+    weight errors of the cell (grid BER ``ber``, seed ``seed``; none when
     ``setup.weights`` is off) and the calibrated activation quantizers with the cell's activation
     errors (same template and seed, the activation stream). Everything is restored on exit."""
     from qmargin.faults import inject  # looked up per call: tests substitute qmargin.faults.inject
@@ -239,11 +240,10 @@ def cell_errors(
 
     with contextlib.ExitStack() as stack:
         wb = setup.weight_ber(ber)
-        if wb is not None:
-            stack.enter_context(inject(model, with_ber(template, wb), seed))
+        report = None if wb is None else stack.enter_context(inject(model, with_ber(template, wb), seed))
         q = stack.enter_context(setup.installed(model))
         stack.enter_context(inject_activations(q, with_ber(template, setup.act_ber(ber)), seed))
-        yield
+        yield report
 
 
 def is_null_cell(template: Any, setup: ActivationSetup | None, ber: float) -> bool:

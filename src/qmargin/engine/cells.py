@@ -15,6 +15,7 @@ metric's ``failed_score`` (wrong, for the accuracies).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,13 +48,15 @@ __all__ = [
 @dataclass(frozen=True)
 class PassResult:
     """A metric reduced over one pass: ``total`` (sum of the per-batch sums), ``count``,
-    ``failures`` (non-converged samples), ``n`` (samples seen), ``data_sha256`` (when hashed)."""
+    ``failures`` (non-converged samples), ``n`` (samples seen), ``data_sha256`` (when hashed),
+    ``dues`` (detected uncorrectable errors of the pattern: :attr:`qmargin.faults.InjectionReport.n_due`)."""
 
     total: float | int
     count: float | int
     failures: int
     n: int
     data_sha256: str | None = None
+    dues: int = 0
 
     @property
     def value(self) -> float:
@@ -180,12 +183,17 @@ def evaluate_cell(
     from qmargin.faults import inject  # looked up per call: tests substitute qmargin.faults.inject
 
     if activations is not None:
-        with cell_errors(model, template, activations, cell.ber, cell.seed):
+        with cell_errors(model, template, activations, cell.ber, cell.seed) as report:
             res = evaluate_pass(model, evaluation, count_failures=count_failures)
-        return CellOutcome(cell, res)
-    with inject(model, with_ber(template, cell.ber), cell.seed):
+        return CellOutcome(cell, dataclasses.replace(res, dues=_dues(report)))
+    with inject(model, with_ber(template, cell.ber), cell.seed) as report:
         res = evaluate_pass(model, evaluation, count_failures=count_failures)
-    return CellOutcome(cell, res)
+    return CellOutcome(cell, dataclasses.replace(res, dues=_dues(report)))
+
+
+def _dues(report: Any) -> int:
+    """The report's DUE count (0 for a substitute ``inject`` without one)."""
+    return int(getattr(report, "n_due", 0) or 0)
 
 
 def evaluate_clean(
@@ -224,10 +232,12 @@ def evaluate_cells_stacked(
 
     live = code_buffers(model)
     stacks: dict[str, list[Tensor]] = {name: [] for name in live}
+    dues = []
     for cell in cells:
-        with inject(model, with_ber(template, cell.ber), cell.seed):
+        with inject(model, with_ber(template, cell.ber), cell.seed) as report:
             for name, buf in live.items():
                 stacks[name].append(buf.clone())
+        dues.append(_dues(report))
     codes = {name: torch.stack(v) for name, v in stacks.items()}
     metric = evaluation.metric
     k = len(cells)
@@ -249,7 +259,7 @@ def evaluate_cells_stacked(
                 totals[j] += s
                 counts[j] += c
             n += batch_size_of(inputs, targets)
-    out = [CellOutcome(cell, PassResult(totals[j], counts[j], 0, n)) for j, cell in enumerate(cells)]
+    out = [CellOutcome(c, PassResult(totals[j], counts[j], 0, n, dues=dues[j])) for j, c in enumerate(cells)]
     for o in out:
         o.value  # noqa: B018
     return out

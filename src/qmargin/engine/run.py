@@ -189,7 +189,7 @@ def run_campaign(
 
     Returns the result dict (the JSON content, :mod:`qmargin.engine.store`).
     """
-    from qmargin.faults import BitErrorModel, select_tensors
+    from qmargin.faults import BitErrorModel, detects_errors, protection_summary, select_tensors
 
     if not isinstance(evaluation, Evaluation):
         raise ConfigError(f"evaluation must be a qmargin.engine.Evaluation, got {type(evaluation).__name__}")
@@ -223,6 +223,7 @@ def run_campaign(
         if activations is not None:
             with activations.installed(model):  # fail fast when its layers are not the model's
                 pass
+        protection = protection_summary(template, model)  # per-layer protection: plan and overhead
         if foreign or activations is not None:
             patterns_per_pass = 1  # stacked code buffers exist for qmargin's layers only; no hooks
         if count_failures is None:
@@ -246,6 +247,7 @@ def run_campaign(
                 "n_test": n_known,
                 **evaluation.settings(),
                 "count_failures": bool(count_failures),
+                **({"count_dues": True} if detects_errors(template) else {}),
                 "patterns_per_pass": per_pass,
                 "seed_scheme": "pattern r uses seed base_seed + r at every BER",
                 "data_fingerprint": "identity" if evaluation.identity is not None else "sha256",
@@ -255,6 +257,8 @@ def run_campaign(
         }
         if weights is not None:
             settings["weights"] = dict(weights)
+        if protection is not None:
+            settings["protection"] = jsonable(protection, "protection plan")
         if ci_halfwidth is not None:
             settings["stopping"] = StoppingRule(ci_halfwidth, min_patterns, per_pass).to_dict()
         if activations is not None:

@@ -9,6 +9,15 @@ metrics under ``clean_value`` / ``values``; ``metric`` names the metric and whet
 Schema: ``schema_version`` (:data:`SCHEMA_VERSION`); files without it (version 1, written before the
 engine) load as top-1 results on in-memory tensors hashed with SHA-256, and resume.
 
+Detected uncorrectable errors (schema 4): when the error model can detect errors (SECDED, parity:
+:func:`qmargin.faults.detects_errors`), ``evaluation.count_dues`` is ``true`` and every BER entry holds
+``dues`` (per pattern, the number of codewords with a DUE, whatever the DUE policy), ``flagged`` (the
+fraction of patterns with at least one DUE; every inference reads every stored weight, so it is also
+the fraction of inferences a system would see flagged) and ``unflagged_mean`` (the mean metric over the
+patterns without a DUE, ``null`` when there is none). A campaign with per-layer protection stores the
+resolved plan and its memory overhead under ``protection`` (:class:`qmargin.faults.ProtectionPlan`;
+derived from ``error_model`` and the model, so not a setting of its own).
+
 Resume: a rerun with identical settings continues where the file stopped and produces the same
 result as an uninterrupted run, apart from ``timing``. Settings that differ are named, each with its
 old and new value, in one line (:func:`settings_diff`). Outcomes of cells may arrive in any order
@@ -65,9 +74,11 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 4
-"""4: optional ``activations`` (activation bit errors, :mod:`qmargin.engine.activations`); 3: optional
-``stopping`` (sequential stopping, :mod:`qmargin.engine.stopping`); 2: ``metric``. Files of versions
-1 to 3 load (:func:`upgrade`) and resume: they had no activation errors."""
+"""4: optional ``activations`` (activation bit errors, :mod:`qmargin.engine.activations`), optional
+``dues`` / ``flagged`` / ``unflagged_mean`` per BER and ``protection`` (detected errors and per-layer
+protection, :mod:`qmargin.faults.protection`); 3: optional ``stopping`` (sequential stopping,
+:mod:`qmargin.engine.stopping`); 2: ``metric``. Files of versions 1 to 3 load (:func:`upgrade`) and
+resume: they had no activation errors and no detecting fault kinds."""
 
 #: Keys of a campaign result that must match for a rerun to resume an existing file.
 SETTINGS_KEYS = (
@@ -210,6 +221,7 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
     if "n_test" in evaluation:
         n_test = req_int(where, evaluation["n_test"], "evaluation.n_test", lo=1)
     counted = evaluation.get("count_failures", False) is True
+    dues_counted = evaluation.get("count_dues", False) is True
     req_float(where, data.get(clean_key), clean_key, lo=lo, hi=hi)
     if counted and "clean_failures" not in data:
         raise invalid(where, "evaluation.count_failures is set but clean_failures is missing")
@@ -249,6 +261,20 @@ def validate_campaign(where: str | Path, data: Any) -> dict[str, Any]:
             fails = req_list(where, entry["failures"], f"{name}.failures", length=len(vals))
             for f in fails:
                 req_int(where, f, f"{name}.failures entry", lo=0, hi=n_test)
+        if dues_counted and "dues" not in entry:
+            raise invalid(where, f"evaluation.count_dues is set but {name}.dues is missing")
+        if "dues" in entry:
+            dues = [
+                req_int(where, d, f"{name}.dues entry", lo=0)
+                for d in req_list(where, entry["dues"], f"{name}.dues", length=len(vals))
+            ]
+            expected_due = _due_summary(values, dues)
+            for k2, want in expected_due.items():
+                got = entry.get(k2)
+                if (got is None) != (want is None) or (
+                    want is not None and abs(float(got) - want) > _SUMMARY_TOL * max(1.0, abs(want))
+                ):
+                    raise invalid(where, f"{name}.{k2} is {got!r}, its dues give {want!r}")
         stats = ("mean", "std", "min", "max")
         if not values:
             present = [k for k in stats if k in entry]
@@ -282,6 +308,18 @@ def _valid_activations(where: str | Path, act: Any, version: Any) -> None:
     ber = act.get("ber")
     if ber != "grid":
         req_float(where, ber, "activations.ber", lo=0.0, hi=1.0)
+
+
+def _due_summary(values: Sequence[float], dues: Sequence[int]) -> dict[str, float | None]:
+    """``flagged``: fraction of patterns with a DUE; ``unflagged_mean``: mean value of the others
+    (``None`` without any); both ``None`` without patterns."""
+    if not dues:
+        return {"flagged": None, "unflagged_mean": None}
+    clean = [v for v, d in zip(values, dues, strict=True) if d == 0]
+    return {
+        "flagged": sum(1 for d in dues if d > 0) / len(dues),
+        "unflagged_mean": sum(clean) / len(clean) if clean else None,
+    }
 
 
 def _valid_stopping(where: str | Path, data: Mapping[str, Any], shard: Any) -> StoppingRule | None:
@@ -410,6 +448,7 @@ class CampaignState:
         self.clean_failures: int | None = None
         self.values: list[dict[int, float]] = [{} for _ in grid.bers]
         self.failures: list[dict[int, int]] = [{} for _ in grid.bers]
+        self.dues: list[dict[int, int]] = [{} for _ in grid.bers]
         self.prior_seconds = 0.0
         self._own = [shard_patterns(k, grid.repeats, shard) for k in range(len(grid.bers))]
         stopping = settings.get("stopping")
@@ -420,6 +459,11 @@ class CampaignState:
     @property
     def count_failures(self) -> bool:
         return bool(self.settings["evaluation"]["count_failures"])
+
+    @property
+    def count_dues(self) -> bool:
+        """Whether DUEs are stored per pattern (an error model that detects: SECDED, parity)."""
+        return bool(self.settings["evaluation"].get("count_dues", False))
 
     def record_clean(self, res: PassResult) -> None:
         self.clean_value = res.value
@@ -436,6 +480,8 @@ class CampaignState:
         self.values[cell.k][cell.pattern] = outcome.value
         if self.count_failures:
             self.failures[cell.k][cell.pattern] = outcome.result.failures
+        if self.count_dues:
+            self.dues[cell.k][cell.pattern] = int(outcome.result.dues)
 
     def prefix(self, k: int) -> int:
         """Number of leading patterns of BER ``k`` that are done."""
@@ -496,6 +542,8 @@ class CampaignState:
                 self.values[k][r] = v
             for r, f in zip(pats, res.get("failures", []), strict=False):
                 self.failures[k][r] = f
+            for r, d in zip(pats, res.get("dues", []), strict=False):
+                self.dues[k][r] = d
         self.prior_seconds = float(old.get("timing", {}).get("seconds", 0.0))
 
     def result(self, seconds: float) -> dict[str, Any]:
@@ -512,6 +560,9 @@ class CampaignState:
             row[key] = vals
             if self.count_failures:
                 row["failures"] = [self.failures[k][r] for r in pats]
+            if self.count_dues:
+                row["dues"] = [self.dues[k][r] for r in pats]
+                row.update(_due_summary(vals, row["dues"]))
             if self.shard is not None or pats != list(range(len(pats))):
                 row["patterns"] = pats
             if self.rule is not None and vals:
@@ -524,8 +575,9 @@ class CampaignState:
             out["clean_failures"] = self.clean_failures
         out["results"] = results
         out.update({k: self.settings[k] for k in SETTINGS_KEYS if k in self.settings})
-        if "weights" in self.settings:
-            out["weights"] = self.settings["weights"]
+        for extra in ("weights", "protection"):
+            if extra in self.settings:
+                out[extra] = self.settings[extra]
         if self.shard is not None:
             out["shard"] = {"index": self.shard[0], "count": self.shard[1]}
         out["schema_version"] = SCHEMA_VERSION
@@ -582,8 +634,9 @@ def merge_results(
                     f"{other.get(key)}): the model or data differ"
                 )
     settings = {k: first[k] for k in SETTINGS_KEYS if k in first}
-    if "weights" in first:
-        settings["weights"] = first["weights"]
+    for extra in ("weights", "protection"):
+        if extra in first:
+            settings[extra] = first[extra]
     grid = Grid.make(first["bers"], first["repeats"], first["base_seed"])
     state = CampaignState(grid, settings)
     clean_key, key = value_keys(first.get("metric"))
@@ -595,6 +648,7 @@ def merge_results(
         for k, entry in enumerate(res["results"]):
             pats = entry_patterns(entry, len(entry[key]))
             fails = entry.get("failures")
+            dues = entry.get("dues")
             for i, (r, v) in enumerate(zip(pats, entry[key], strict=True)):
                 if (k, r) in owner:
                     raise ConfigError(
@@ -605,6 +659,8 @@ def merge_results(
                 state.values[k][r] = v
                 if fails is not None:
                     state.failures[k][r] = fails[i]
+                if dues is not None:
+                    state.dues[k][r] = dues[i]
         state.prior_seconds += float(res.get("timing", {}).get("seconds", 0.0))
     missing = state.pending()
     if missing and not allow_partial:
@@ -630,18 +686,22 @@ def merge_results(
 
 def csv_text(result: Mapping[str, Any]) -> str:
     """One row per (ber, pattern): ``ber, pattern, seed, accuracy`` (top-1) or ``value`` (other
-    metrics), and ``failures`` when counted."""
+    metrics), and ``failures`` / ``dues`` when counted."""
     _, key = value_keys(result.get("metric"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     with_failures = bool(result["evaluation"]["count_failures"])
+    with_dues = bool(result["evaluation"].get("count_dues", False))
     name = "accuracy" if key == "accuracies" else "value"
-    w.writerow(["ber", "pattern", "seed", name] + (["failures"] if with_failures else []))
+    header = ["ber", "pattern", "seed", name] + (["failures"] if with_failures else [])
+    w.writerow(header + (["dues"] if with_dues else []))
     for res in result["results"]:
         for i, (r, acc) in enumerate(zip(entry_patterns(res, len(res[key])), res[key], strict=True)):
             row = [repr(float(res["ber"])), r, result["seeds"][r], repr(float(acc))]
             if with_failures:
                 row.append(res["failures"][i])
+            if with_dues:
+                row.append(res["dues"][i])
             w.writerow(row)
     return buf.getvalue()
 

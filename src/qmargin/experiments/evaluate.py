@@ -14,7 +14,7 @@ from qmargin.engine.metrics import Metric, resolve_metric
 from qmargin.engine.stopping import DEFAULT_MIN_PATTERNS
 from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import run_ber_campaign, weights_record
-from qmargin.faults import WEIGHT_TENSORS, BitErrorModel
+from qmargin.faults import WEIGHT_TENSORS, BitErrorModel, ProtectedErrorModel, ProtectionSpec
 from qmargin.files import check_outputs, holds_lock
 from qmargin.quant import QuantSpec
 from qmargin.training import load_run, resolve_device
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "evaluate_run",
     "error_model_for",
+    "protection_spec_text",
     "post_training_quantized",
     "run_input_files",
     "DEFAULT_PTQ_BITS",
@@ -124,8 +125,14 @@ def error_model_for(
     storage: str | None = None,
     saturate: bool | None = None,
     nested_bers: Sequence[float] | None = None,
-) -> BitErrorModel:
+    protect: str | None = None,
+) -> BitErrorModel | ProtectedErrorModel:
     """The campaign's template ``BitErrorModel`` (its BER is replaced per grid point).
+
+    ``protect``: a per-layer protection spec (``secded64``, ``conv*=msb2,fc3=secded64``;
+    :mod:`qmargin.faults.protection`): the template is then a ``ProtectedErrorModel`` over the same
+    layers and tensors. ``msbK`` is the spec form of ``protected_bits`` (the top K positions), so
+    giving both is refused: one way of saying which bits are safe.
 
     Weights only by default (``WEIGHT_TENSORS``: ``weight`` of Linear/Conv layers, ``W`` and ``U`` of
     MonDEQ layers); ``include_bias`` hits every stored tensor, which includes biases stored as codes.
@@ -138,17 +145,41 @@ def error_model_for(
         nested_max = max((float(b) for b in nested_bers), default=0.0)
         if nested_max <= 0.0:
             raise ConfigError("nested patterns need a positive BER in the grid")
+    tensors = None if include_bias else WEIGHT_TENSORS
+    if protect is not None:
+        if protected_bits:
+            raise ConfigError(
+                "give --protect or --protected-bits, not both (--protect msbK protects the top K bits; "
+                "put every scheme in the --protect spec)"
+            )
+        if p01 is not None or p10 is not None:
+            raise ConfigError("--protect takes a symmetric BER (no p01 / p10)")
+        return ProtectedErrorModel(
+            protect,  # type: ignore[arg-type]  # the text is parsed (ConfigError) by the model
+            ber=0.0,
+            layers=tuple(layers) or ("*",),
+            tensors=tensors,
+            storage=storage,  # type: ignore[arg-type]  # validated (ConfigError) by the model
+            saturate=saturate,
+            nested_max=nested_max,
+        )
     return BitErrorModel(
         ber=0.0,
         p01=p01,
         p10=p10,
         protected_bits=tuple(protected_bits),
         layers=tuple(layers) or ("*",),
-        tensors=None if include_bias else WEIGHT_TENSORS,
+        tensors=tensors,
         storage=storage,  # type: ignore[arg-type]  # validated (ConfigError) by BitErrorModel
         saturate=saturate,
         nested_max=nested_max,
     )
+
+
+def protection_spec_text(text: str) -> str:
+    """The canonical text of a ``--protect`` spec (:class:`qmargin.faults.ProtectionSpec`); a
+    one-line ``ConfigError`` for a bad one (what the CLI's option type checks while parsing)."""
+    return ProtectionSpec.parse(text).text
 
 
 def run_input_files(path: str | Path) -> list[Path]:
@@ -216,6 +247,7 @@ def evaluate_run(
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
     activations: ActivationOptions | None = None,
+    protect: str | None = None,
 ) -> dict[str, Any]:
     """Load ``run_dir`` (``qmargin train``), run a BER campaign on its test split and return the result.
 
@@ -235,7 +267,8 @@ def evaluate_run(
     (:func:`halfwidth_in_metric_units`: percentage points for the accuracies). ``activations``:
     quantized activation buffers with bit errors (:class:`ActivationOptions`), calibrated on the
     first ``calibration_batches * batch_size`` samples of the run's *training* split (recorded as
-    ``activations.calibration.source``).
+    ``activations.calibration.source``). ``protect``: per-layer
+    protection spec (:func:`error_model_for`); the result then holds ``protection`` (plan, overhead).
     """
     if out_path is not None:
         check_outputs(
@@ -275,6 +308,7 @@ def evaluate_run(
         storage=storage,
         saturate=saturate,
         nested_bers=bers if nested else None,
+        protect=protect,
     )
     return run_ber_campaign(
         model,

@@ -331,14 +331,16 @@ def evaluate_external(
     ci_halfwidth: float | None = None,
     min_patterns: int = DEFAULT_MIN_PATTERNS,
     activations: ActivationOptions | None = None,
+    protect: str | None = None,
 ) -> dict[str, Any]:
     """Build, load, quantize and stress a user's model on a data spec (module docstring).
 
     The data is streamed batch by batch on every pass (:class:`qmargin.engine.Evaluation` over the
     spec's checked batches; never held whole in memory) and fingerprinted while it streams, unless
     ``data_identity`` names it. ``metric``: :func:`qmargin.experiments.evaluate.metric_from_spec`.
-    ``storage`` / ``saturate`` / ``nested``: as :func:`qmargin.experiments.evaluate.error_model_for`.
-    ``ci_halfwidth``: as shown (percentage points for the accuracies;
+    ``storage`` / ``saturate`` / ``nested`` / ``protect``: as
+    :func:`qmargin.experiments.evaluate.error_model_for`. ``ci_halfwidth``: as shown (percentage
+    points for the accuracies;
     :func:`qmargin.experiments.evaluate.halfwidth_in_metric_units`), ``min_patterns``: sequential
     stopping. ``workers`` / ``ray_address`` / ``shard``: as :func:`qmargin.engine.run_campaign` (with workers
     the data spec's loader travels to each worker once).
@@ -377,6 +379,7 @@ def evaluate_external(
         storage=storage,
         saturate=saturate,
         nested_bers=bers if nested else None,
+        protect=protect,
     )
     if ext.mode == "given" and quant.exclude:
         template = dataclasses.replace(template, exclude=tuple(quant.exclude))

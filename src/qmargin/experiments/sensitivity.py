@@ -34,6 +34,7 @@ from qmargin.experiments.external import (
     external_input_files,
     load_external_model,
 )
+from qmargin.faults import BitErrorModel
 from qmargin.files import check_outputs, holds_lock, write_text_atomic
 from qmargin.report.sensitivity import plot_sensitivity, sensitivity_csv
 from qmargin.training import load_run, resolve_device
@@ -102,6 +103,7 @@ def sensitivity_run(
         )
     data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
     template = error_model_for(layers=layers, include_bias=include_bias)
+    assert isinstance(template, BitErrorModel)  # no protect spec: a plain template
     evaluation = Evaluation(
         (data.x_test, data.y_test), metric_from_spec(metric), batch_size=batch_size, device=dev
     )
@@ -167,6 +169,7 @@ def sensitivity_external(
     template = error_model_for(
         layers=tuple(quant.layers) if ext.mode == "given" else ("*",), include_bias=include_bias
     )
+    assert isinstance(template, BitErrorModel)  # no protect spec: a plain template
     if ext.mode == "given" and quant.exclude:
         template = dataclasses.replace(template, exclude=tuple(quant.exclude))
     evaluation = Evaluation(source.loader, resolved, identity=data_identity, device=dev)

@@ -7,7 +7,12 @@ An error model says *where* faults strike and *what* they do:
 * fault kinds (:mod:`qmargin.faults.kinds`) — what: the extension point. A kind is a
   :class:`FaultKind` (``stream``, ``is_null``, ``apply_(codes, bits, generator, protected) ->
   FaultResult``) registered by name (:func:`register_fault_kind`, :func:`fault_kinds`). Built in:
-  ``"flips"`` (:class:`RandomFlips`, ``p01``/``p10``) and ``"stuck_at"`` (:class:`StuckAt`).
+  ``"flips"`` (:class:`RandomFlips`, ``p01``/``p10``), ``"stuck_at"`` (:class:`StuckAt`), and memory
+  behind a code (:mod:`qmargin.faults.ecc`): ``"secded"`` (:class:`SECDED`), ``"parity"``
+  (:class:`Parity`), with DUE policies keep / zero / flag.
+* per-layer protection (:mod:`qmargin.faults.protection`): the ``--protect`` spec language
+  (:class:`ProtectionSpec`), the error model it builds (:class:`ProtectedErrorModel`, composed per
+  layer: :class:`ComposedErrorModel`, :func:`route`) and its memory overhead (:class:`ProtectionPlan`).
 * :class:`BitErrorModel` — the user-facing model (rates, protected bits, selection) composing a
   :class:`Selection` with the flips and stuck-at kinds; :class:`FaultModel` composes any kinds.
   :class:`ErrorModel` is the protocol :func:`inject` takes, :class:`ErrorModelTemplate` the one
@@ -24,8 +29,16 @@ bit 0 = LSB; ``int8`` codes are two's complement (``b = 1``: sign code, word 1 =
 ``uint8`` codes unsigned.
 """
 
-from qmargin.faults.ecc import SECDED, decode_errors, secded_layout
-from qmargin.faults.error_model import BitErrorModel, ErrorModel, ErrorModelTemplate, FaultModel
+from qmargin.faults.ecc import SECDED, Parity, decode_errors, parity_decode, secded_layout
+from qmargin.faults.error_model import (
+    BitErrorModel,
+    ComposedErrorModel,
+    ErrorModel,
+    ErrorModelTemplate,
+    FaultModel,
+    detects_errors,
+    route,
+)
 from qmargin.faults.functional import (
     BitSites,
     StuckBits,
@@ -51,15 +64,32 @@ from qmargin.faults.kinds import (
     fault_kinds,
     register_fault_kind,
 )
+from qmargin.faults.protection import (
+    ProtectedErrorModel,
+    ProtectionPlan,
+    ProtectionSpec,
+    parse_protection,
+    protection_summary,
+)
 from qmargin.faults.selection import WEIGHT_TENSORS, Selection
 from qmargin.quant.codes import bit_differences, exposed_positions, from_words, popcount, to_words
 
 __all__ = [
     "SECDED",
+    "Parity",
     "secded_layout",
     "decode_errors",
+    "parity_decode",
     "BitErrorModel",
     "FaultModel",
+    "ComposedErrorModel",
+    "route",
+    "detects_errors",
+    "ProtectedErrorModel",
+    "ProtectionPlan",
+    "ProtectionSpec",
+    "parse_protection",
+    "protection_summary",
     "ErrorModel",
     "ErrorModelTemplate",
     "Selection",

@@ -103,6 +103,8 @@ def inject_activations(
     its layer selection is not used (the activation layers are the quantizers').
     """
     check_seed(seed)
+    if getattr(error_model, "parts", None) is not None:
+        raise ConfigError("a per-layer error model (e.g. --protect) is for stored weights, not activations")
     if quantizers.spec.bits < 2:
         raise ConfigError("activation codes need at least 2 bits")
     report = ActivationFaultReport(seed)

@@ -26,8 +26,14 @@ overall parity ``q = |e| mod 2``, a real SECDED decoder
 
 What reaches the weights is the residual error on the data positions: ``e`` with the decoder's
 correction XORed in, or for a DUE the policy's outcome: ``"keep"`` (the data as read, raw errors
-included) or ``"zero"`` (the controller returns an all-zero data word: every data bit of the codeword
-reads 0, which is code 0 in two's complement and the most negative code in offset binary).
+included), ``"zero"`` (the controller returns an all-zero data word: every data bit of the codeword
+reads 0, which is code 0 in two's complement and the most negative code in offset binary) or
+``"flag"`` (the data as read, like ``"keep"``, but the pattern is flagged). Every policy counts the
+codewords with a DUE (``FaultResult.n_due``; campaigns store it per pattern).
+
+**Parity** (:class:`Parity`, detection only): one even-parity bit per ``k``-bit data word, ``n = k + 1``
+stored bits, the same packing. Raw errors hit the ``n`` bits at rate ``p``; an even number of them
+(``0, 2, 4, ...``) is not seen (the data errors stay), an odd number is a DUE, handled by the policy.
 
 Sampling is exact and sparse: the raw error positions over all ``W n`` stored bits come from the same
 O(K) Bernoulli sampler as plain bit errors (:mod:`qmargin.faults.functional`), grouped by codeword and
@@ -60,9 +66,13 @@ from qmargin.faults.functional import (
 )
 from qmargin.faults.kinds import FaultKind, FaultResult, _rate, register_fault_kind
 
-__all__ = ["SECDED", "secded_layout", "decode_errors", "DUE_POLICIES"]
+__all__ = ["SECDED", "Parity", "secded_layout", "decode_errors", "parity_decode", "DUE_POLICIES"]
 
-DUE_POLICIES = ("keep", "zero")
+DUE_POLICIES = ("keep", "zero", "flag")
+"""What a detected uncorrectable error (DUE) does to the data of its codeword: ``"keep"`` (the data as
+read, raw errors included), ``"zero"`` (an all-zero data word), ``"flag"`` (the data as read, like
+``"keep"``, and the pattern is flagged: the controller raised an interrupt the system could act on).
+Every policy counts the DUEs (:attr:`FaultResult.n_due`); ``"flag"`` only says the count is the point."""
 
 
 @dataclass(frozen=True)
@@ -130,13 +140,14 @@ def decode_errors(
 class SECDED(FaultKind):
     """Random bit errors at rate ``p`` on SECDED-protected memory (module doc): words packed into
     ``k``-bit data words, each stored with ``r + 1`` check bits; what reaches the weights is what a
-    real decoder leaves. ``due``: ``"keep"`` or ``"zero"`` (module doc). Protected bit positions
-    (``protected``) are never changed (they sit in reliable memory)."""
+    real decoder leaves. ``due``: ``"keep"``, ``"zero"`` or ``"flag"`` (:data:`DUE_POLICIES`).
+    Protected bit positions (``protected``) are never changed (they sit in reliable memory)."""
 
     p: float
     k: int = 64
     due: str = "keep"
     stream: ClassVar[tuple[str, ...]] = ("secded",)
+    detects: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", _rate("p", self.p))
@@ -163,42 +174,125 @@ class SECDED(FaultKind):
             )
         numel = codes.numel()
         n_cw = math.ceil(numel * bits / layout.k)
-        total = n_cw * layout.n
-        if self.p >= 1.0:
-            raw = np.arange(total, dtype=np.int64)
-        else:
-            chunks = [c.to(torch.int64).numpy() for c in _bernoulli_chunks(total, self.p, generator)]
-            raw = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+        raw = _raw_errors(n_cw * layout.n, self.p, generator)
         err_cw, err_pos, due_cw, _ = decode_errors(layout, raw // layout.n, raw % layout.n)
-        zeroed = self.due == "zero" and due_cw.size > 0
-        if zeroed:
-            keep = ~np.isin(err_cw, due_cw)
-            err_cw, err_pos = err_cw[keep], err_pos[keep]
         d = layout.data_of_position[err_pos]
         on_data = d >= 0
-        flat_bit = err_cw[on_data] * layout.k + d[on_data]
-        flips = _sites(flat_bit, numel, bits, protected)
-        patch = flip_bits_(codes, bits, flips)
-        n_stuck = 0
-        if zeroed:
-            word_lo = due_cw * layout.k // bits
-            word_hi = np.minimum(((due_cw + 1) * layout.k + bits - 1) // bits, numel)
-            spans = [np.arange(a, b) for a, b in zip(word_lo, word_hi, strict=True)]
-            words = np.unique(np.concatenate(spans))
-            mask = ((1 << bits) - 1) & ~sum(1 << b for b in protected)
-            stuck = StuckBits(
-                torch.from_numpy(words),
-                torch.full((words.size,), mask, dtype=torch.uint8),
-                torch.zeros(words.size, dtype=torch.uint8),
-                numel,
-                bits,
-            )
-            n_stuck = stuck.n_bits
-            patch = _merge(patch, force_bits_(codes, bits, stuck))
-        return FaultResult(patch, n_flipped=flips.n_bits, n_stuck=n_stuck)
+        return _apply_decoded(codes, bits, protected, layout.k, err_cw[on_data], d[on_data], due_cw, self.due)
 
     def to_dict(self) -> dict[str, Any]:
         return super().to_dict()
+
+
+def parity_decode(
+    k: int, codeword: np.ndarray, position: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parity over ``k`` data bits: ``codeword`` / ``position`` (int64, sorted by codeword; positions
+    ``0 .. k-1`` data, ``k`` the parity bit) list every raw bit error. Returns ``(cw, data_bit, due_cw)``:
+    the raw errors on data bits (all of them stay: parity corrects nothing) and the codewords with an
+    odd number of raw errors (detected, uncorrectable)."""
+    if codeword.size == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    cws, counts = np.unique(codeword, return_counts=True)
+    on_data = position < k
+    return codeword[on_data], position[on_data], cws[counts % 2 == 1]
+
+
+@dataclass(frozen=True)
+class Parity(FaultKind):
+    """Random bit errors at rate ``p`` on parity-protected memory (module doc), detection only.
+
+    The b-bit words are packed into ``k``-bit data words as for :class:`SECDED` (``k = None``: one
+    parity bit per stored word, ``k = b``); each is stored with one even-parity bit, ``n = k + 1`` bits,
+    all hit at rate ``p``. With ``E`` raw errors in a codeword: ``E`` even, the errors on data bits
+    reach the weights unseen; ``E`` odd, a DUE, handled by ``due`` (``"keep"``, ``"zero"``, ``"flag"``).
+    Overhead ``1 / k``. ``protected`` positions are never changed.
+    """
+
+    p: float
+    k: int | None = None
+    due: str = "keep"
+    stream: ClassVar[tuple[str, ...]] = ("parity",)
+    detects: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", _rate("p", self.p))
+        if self.k is not None and (
+            isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 1024
+        ):
+            raise ConfigError(
+                f"parity data word width k must be an integer in 1..1024 or None, got {self.k!r}"
+            )
+        if self.due not in DUE_POLICIES:
+            raise ConfigError(f"due must be one of {', '.join(DUE_POLICIES)}, got {self.due!r}")
+
+    @property
+    def is_null(self) -> bool:
+        return self.p == 0.0
+
+    def apply_(
+        self, codes: Tensor, bits: int, generator: torch.Generator, protected: frozenset[int]
+    ) -> FaultResult:
+        k = bits if self.k is None else self.k
+        if k % bits:
+            raise ConfigError(f"parity over {k}-bit data words needs whole {bits}-bit words per codeword")
+        numel = codes.numel()
+        n_cw = math.ceil(numel * bits / k)
+        raw = _raw_errors(n_cw * (k + 1), self.p, generator)
+        cw, data_bit, due_cw = parity_decode(k, raw // (k + 1), raw % (k + 1))
+        return _apply_decoded(codes, bits, protected, k, cw, data_bit, due_cw, self.due)
+
+
+def _raw_errors(total: int, p: float, generator: torch.Generator) -> np.ndarray:
+    """Sorted positions (int64) of the raw errors among ``total`` stored bits: exact O(K) sampler."""
+    if p >= 1.0:
+        return np.arange(total, dtype=np.int64)
+    if p <= 0.0:
+        return np.empty(0, dtype=np.int64)
+    chunks = [c.to(torch.int64).numpy() for c in _bernoulli_chunks(total, p, generator)]
+    return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+
+
+def _apply_decoded(
+    codes: Tensor,
+    bits: int,
+    protected: frozenset[int],
+    k: int,
+    err_cw: np.ndarray,
+    err_data_bit: np.ndarray,
+    due_cw: np.ndarray,
+    due: str,
+) -> FaultResult:
+    """Write a decoded pattern into ``codes``: the residual errors on data bits (codeword, data bit),
+    and for the codewords with a DUE the policy (``"zero"``: every data bit reads 0; ``"keep"`` /
+    ``"flag"``: nothing more). ``n_due`` counts the DUE codewords that hold at least one real word
+    (a codeword of padding only is not read)."""
+    numel = codes.numel()
+    due_cw = due_cw[due_cw * k < numel * bits]
+    zeroed = due == "zero" and due_cw.size > 0
+    if zeroed:
+        keep = ~np.isin(err_cw, due_cw)
+        err_cw, err_data_bit = err_cw[keep], err_data_bit[keep]
+    flips = _sites(err_cw * k + err_data_bit, numel, bits, protected)
+    patch = flip_bits_(codes, bits, flips)
+    n_stuck = 0
+    if zeroed:
+        word_lo = due_cw * k // bits
+        word_hi = np.minimum(((due_cw + 1) * k + bits - 1) // bits, numel)
+        spans = [np.arange(a, b) for a, b in zip(word_lo, word_hi, strict=True)]
+        words = np.unique(np.concatenate(spans))
+        mask = ((1 << bits) - 1) & ~sum(1 << b for b in protected)
+        stuck = StuckBits(
+            torch.from_numpy(words),
+            torch.full((words.size,), mask, dtype=torch.uint8),
+            torch.zeros(words.size, dtype=torch.uint8),
+            numel,
+            bits,
+        )
+        n_stuck = stuck.n_bits
+        patch = _merge(patch, force_bits_(codes, bits, stuck))
+    return FaultResult(patch, n_flipped=flips.n_bits, n_stuck=n_stuck, n_due=int(due_cw.size))
 
 
 def _sites(flat_bit: np.ndarray, numel: int, bits: int, protected: frozenset[int]) -> BitSites:
@@ -229,3 +323,4 @@ def _merge(a: WordPatch, b: WordPatch) -> WordPatch:
 
 
 register_fault_kind("secded", SECDED)
+register_fault_kind("parity", Parity)

@@ -25,6 +25,13 @@ Protocols. :func:`qmargin.faults.inject` takes any :class:`ErrorModel`: an objec
 template over a BER grid and need an :class:`ErrorModelTemplate` (an ``ErrorModel`` with
 ``with_ber``). :class:`BitErrorModel` is both; :class:`FaultModel` is the generic composition of
 any registered fault kinds (a new kind needs no new error model class).
+
+Per-layer error models. An error model may also have ``parts``: a sequence of error models (each a
+``selection`` and ``fault_kinds()``, e.g. :class:`FaultModel`). Then a stored tensor its
+``selection`` hits gets the kinds and protected bits of the **first** part whose selection selects it,
+and none when no part does. :class:`ComposedErrorModel` is that composition;
+:func:`route` is the one place that resolves it (``inject`` and the campaign engine call it), so a
+per-layer protection plan (:mod:`qmargin.faults.protection`) needs no change to ``inject``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ from qmargin.quant.codes import StorageFormat, check_storage
 __all__ = [
     "BitErrorModel",
     "FaultModel",
+    "ComposedErrorModel",
+    "route",
+    "detects_errors",
     "ErrorModel",
     "ErrorModelTemplate",
     "WEIGHT_TENSORS",
@@ -274,3 +284,71 @@ class FaultModel:
         except TypeError as e:
             raise ConfigError(f"bad selection: {e}") from None
         return cls(kinds, selection)
+
+
+@dataclass(frozen=True)
+class ComposedErrorModel:
+    """Per-layer error models: of the stored tensors ``selection`` hits, each gets the fault kinds and
+    protected bits of the first of ``parts`` whose selection selects it (first match wins; a tensor no
+    part selects is spared). ``parts``: :class:`FaultModel` (or any error models).
+
+    ``ComposedErrorModel((FaultModel((SECDED(p),), Selection("fc3")), FaultModel((RandomFlips(p, p),),
+    Selection("*"))))``: ``fc3`` behind SECDED, every other layer unprotected. Serialises as
+    ``{"parts": [...], "selection": {...}}``.
+    """
+
+    parts: tuple[Any, ...] = ()
+    selection: Selection = Selection()
+
+    def __post_init__(self) -> None:
+        parts = tuple(self.parts)
+        for part in parts:
+            if not isinstance(part, ErrorModel):
+                raise ConfigError(f"parts must be error models (a selection and fault_kinds()), got {part!r}")
+        object.__setattr__(self, "parts", parts)
+        if not isinstance(self.selection, Selection):
+            raise ConfigError(f"selection must be a Selection, got {self.selection!r}")
+
+    def fault_kinds(self) -> tuple[FaultKind, ...]:
+        """Every part's kinds that can change a bit (in part order; what each tensor gets: :func:`route`)."""
+        return tuple(k for part in self.parts for k in part.fault_kinds())
+
+    @property
+    def is_null(self) -> bool:
+        return all(part.is_null for part in self.parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": [p.to_dict() for p in self.parts], "selection": self.selection.to_dict()}
+
+
+def route(error_model: ErrorModel, names: Any) -> tuple[tuple[FaultKind, ...], tuple[int, ...]] | None:
+    """What ``error_model`` does to the stored tensor reachable under ``names`` (``(layer, module,
+    tensor)`` triples, :meth:`Selection.selects_stored`): ``(kinds, protected_bits)``, or ``None`` when
+    it is not hit. A plain error model: its ``fault_kinds()`` and ``selection.protected_bits`` where
+    its selection selects the tensor. An error model with ``parts`` (:class:`ComposedErrorModel`):
+    where its selection selects the tensor, those of the first part that does (else ``None``)."""
+    names = list(names)
+    if not error_model.selection.selects_stored(names):
+        return None
+    parts = getattr(error_model, "parts", None)
+    if parts is None:
+        return tuple(error_model.fault_kinds()), error_model.selection.protected_bits
+    for part in parts:
+        if part.selection.selects_stored(names):
+            return tuple(part.fault_kinds()), part.selection.protected_bits
+    return None
+
+
+def detects_errors(error_model: Any) -> bool:
+    """Whether ``error_model`` (or a template at any BER) has a kind that reports detected
+    uncorrectable errors (``FaultKind.detects``: SECDED, parity). Null kinds count (a template at BER
+    0 still detects at a positive BER): looks at ``kinds`` / ``parts`` where present."""
+    if isinstance(getattr(error_model, "detects", None), bool):
+        return bool(error_model.detects)
+    parts = getattr(error_model, "parts", None)
+    if parts is not None:
+        return any(detects_errors(p) for p in parts)
+    kinds = getattr(error_model, "kinds", None)
+    if kinds is None:
+        kinds = error_model.fault_kinds() if hasattr(error_model, "fault_kinds") else ()
+    return any(getattr(k, "detects", False) for k in kinds)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from qmargin.errors import ConfigError
-from qmargin.faults.error_model import ErrorModel, word_format
+from qmargin.faults.error_model import ErrorModel, route, word_format
 from qmargin.faults.functional import WordPatch, _flat_gather, check_seed, derive_seed, make_generator
 from qmargin.faults.kinds import FaultKind
 from qmargin.interop import CodeGroup, CodeProvider, StoredName, stored_code_groups
@@ -56,7 +56,8 @@ class TensorFaults:
     ``n_bits = numel * bits`` stored bits, of which ``n_exposed`` are not protected; ``n_flipped``
     bits flipped by random errors, ``n_stuck`` bits stuck (whether or not their value changed), and
     ``n_changed`` bits that differ from the clean codes after all faults (the sums of the fault
-    kinds' :class:`qmargin.faults.FaultResult` counts, and the net change of all their patches).
+    kinds' :class:`qmargin.faults.FaultResult` counts, and the net change of all their patches);
+    ``n_due`` detected uncorrectable errors (codewords, ECC and parity kinds).
     """
 
     layer: str
@@ -68,6 +69,7 @@ class TensorFaults:
     n_flipped: int
     n_stuck: int
     n_changed: int
+    n_due: int = 0
 
 
 @dataclass
@@ -99,6 +101,11 @@ class InjectionReport:
         return sum(t.n_changed for t in self.tensors)
 
     @property
+    def n_due(self) -> int:
+        """Detected uncorrectable errors (codewords) over all tensors (ECC / parity kinds)."""
+        return sum(t.n_due for t in self.tensors)
+
+    @property
     def observed_ber(self) -> float:
         """``n_flipped / n_exposed`` (0 when nothing is exposed)."""
         return self.n_flipped / self.n_exposed if self.n_exposed else 0.0
@@ -112,6 +119,7 @@ class InjectionReport:
             "n_flipped": self.n_flipped,
             "n_stuck": self.n_stuck,
             "n_changed": self.n_changed,
+            "n_due": self.n_due,
             "tensors": [asdict(t) for t in self.tensors],
         }
 
@@ -131,11 +139,18 @@ def _stored_groups(model: nn.Module) -> list[CodeGroup]:
     return stored_code_groups(model)  # its errors are ConfigErrors (qmargin.quant.errors)
 
 
-def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[CodeGroup]:
-    """The tie groups (:func:`qmargin.interop.stored_code_groups`) that ``error_model`` hits."""
+def _routed_groups(
+    model: nn.Module, error_model: ErrorModel
+) -> list[tuple[CodeProvider, list[StoredName], tuple[FaultKind, ...], tuple[int, ...]]]:
+    """The tie groups ``error_model`` hits, each with its kinds and protected bits
+    (:func:`qmargin.faults.error_model.route`: per-layer parts resolved there)."""
     selection = error_model.selection
     groups = _stored_groups(model)
-    found = [(p, g) for p, g in groups if selection.selects_stored(g)]
+    found = []
+    for p, g in groups:
+        routed = route(error_model, g)
+        if routed is not None:
+            found.append((p, g, *routed))
     if not found:
         quantized = list(dict.fromkeys(g[0][0] for _, g in groups))
         if not quantized:
@@ -145,6 +160,11 @@ def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[CodeGroup]
             f"quantized layers: {quantized[:8]}"
         )
     return found
+
+
+def _select_groups(model: nn.Module, error_model: ErrorModel) -> list[CodeGroup]:
+    """The tie groups (:func:`qmargin.interop.stored_code_groups`) that ``error_model`` hits."""
+    return [(p, g) for p, g, _, _ in _routed_groups(model, error_model)]
 
 
 def select_tensors(model: nn.Module, error_model: ErrorModel) -> list[StoredName]:
@@ -260,17 +280,16 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
     check_seed(seed)
     if not isinstance(error_model, ErrorModel):
         raise TypeError(f"error_model must be an ErrorModel, got {type(error_model).__name__}")
-    groups = _select_groups(model, error_model)
-    kinds = [k for k in error_model.fault_kinds() if not k.is_null]
+    groups = _routed_groups(model, error_model)
     report = InjectionReport(seed, error_model)
     token = _Injection(seed)
     try:
         with torch.no_grad():
-            for provider, group in groups:
+            for provider, group, _, _ in groups:
                 for ref in group:
                     if provider.pin(*ref):
                         token.froze.append((provider, ref))
-            for provider, group in groups:
+            for provider, group, kinds, protected_bits in groups:
                 provider.link(model, group)
                 name, module, tensor = group[0]
                 token.push(module, tensor)
@@ -278,8 +297,9 @@ def inject(model: nn.Module, error_model: ErrorModel, seed: int) -> Iterator[Inj
                 storage, saturate = word_format(error_model, stored.storage, stored.saturate, stored.signed)
                 report.tensors.append(
                     _corrupt_tensor(
-                        stored.codes, stored.bits, name, tensor, error_model.selection.protected_bits,
-                        kinds, seed, token.patches, storage=storage, saturate=saturate,
+                        stored.codes, stored.bits, name, tensor, protected_bits,
+                        [k for k in kinds if not k.is_null], seed, token.patches, storage=storage,
+                        saturate=saturate,
                     )
                 )
         yield report
@@ -317,7 +337,7 @@ def _corrupt_tensor(
         return _corrupt_words(
             codes, bits, name, tensor, protected, kinds, seed, applied, storage=storage, saturate=saturate
         )
-    n_flipped = n_stuck = 0
+    n_flipped = n_stuck = n_due = 0
     patches: list[WordPatch] = []
     for kind in kinds:
         generator = make_generator(derive_seed(seed, name, tensor, *kind.stream))
@@ -326,10 +346,13 @@ def _corrupt_tensor(
         patches.append(result.patch)
         n_flipped += result.n_flipped
         n_stuck += result.n_stuck
+        n_due += result.n_due
     n_changed = patches[0].n_changed if len(patches) == 1 else _net_changed(patches, codes, bits)
     numel = codes.numel()
     n_exposed = numel * len(exposed_positions(bits, protected))
-    return TensorFaults(name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed)
+    return TensorFaults(
+        name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed, n_due
+    )
 
 
 def _corrupt_words(
@@ -357,7 +380,7 @@ def _corrupt_words(
     if not torch.equal(from_words(words, bits, True, storage), codes):
         bad = codes[from_words(words, bits, True, storage) != codes][0].item()
         raise ConfigError(f"{name}.{tensor}: code {bad} has no {bits}-bit {storage} word")
-    n_flipped = n_stuck = 0
+    n_flipped = n_stuck = n_due = 0
     word_patches: list[WordPatch] = []
     for kind in kinds:
         generator = make_generator(derive_seed(seed, name, tensor, *kind.stream))
@@ -365,6 +388,7 @@ def _corrupt_words(
         word_patches.append(result.patch)
         n_flipped += result.n_flipped
         n_stuck += result.n_stuck
+        n_due += result.n_due
     index = torch.cat([p.index for p in word_patches]) if word_patches else torch.empty(0, dtype=torch.int64)
     n_changed = 0
     if index.numel():
@@ -379,7 +403,9 @@ def _corrupt_words(
         applied.append((codes, patch))
     numel = codes.numel()
     n_exposed = numel * len(exposed_positions(bits, protected))
-    return TensorFaults(name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed)
+    return TensorFaults(
+        name, tensor, bits, numel, numel * bits, n_exposed, n_flipped, n_stuck, n_changed, n_due
+    )
 
 
 def _net_changed(patches: list[WordPatch], codes: Tensor, bits: int) -> int:

@@ -73,12 +73,15 @@ class FaultResult:
     """What one fault kind did to one tensor: the restorable ``patch`` and its fault counts.
 
     ``n_flipped``: bits inverted by the kind; ``n_stuck``: bits forced to a value (whether or not
-    the value changed). They add up into :class:`qmargin.faults.TensorFaults`.
+    the value changed); ``n_due``: detected uncorrectable errors (codewords whose decoder raised an
+    error it could not correct: ECC and parity kinds, :mod:`qmargin.faults.ecc`). They add up into
+    :class:`qmargin.faults.TensorFaults`.
     """
 
     patch: WordPatch
     n_flipped: int = 0
     n_stuck: int = 0
+    n_due: int = 0
 
 
 class FaultKind(ABC):
@@ -91,6 +94,9 @@ class FaultKind(ABC):
 
     name: ClassVar[str] = ""
     stream: ClassVar[tuple[str, ...]] = ()
+    detects: ClassVar[bool] = False
+    """True for kinds that can report detected uncorrectable errors (``FaultResult.n_due``): a
+    campaign then stores the count per pattern."""
 
     @property
     @abstractmethod
