@@ -210,6 +210,9 @@ def test_mcel_reproduction_plan_storages_and_stopping(tmp_path):
     assert offset["error_model"]["storage"] == "offset" and offset["stopping"]["min_patterns"] == 3
     twos = json.loads((tmp_path / "out" / "ce-4bit-s1" / "ber.json").read_text())
     assert twos["clean_accuracy"] == offset["clean_accuracy"] and rows[2]["config"]["seed"] == 1
+    # random flips act on offset-binary words exactly as on two's complement (MSB inverted, XOR
+    # commutes): the same patterns give the same accuracies (docs/bit-conventions.md)
+    assert [r["accuracies"] for r in offset["results"]] == [r["accuracies"] for r in twos["results"]]
     assert "3 to 8 paired patterns per BER" in res["markdown"]
 
 

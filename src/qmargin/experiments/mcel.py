@@ -313,7 +313,8 @@ def run_mcel_reproduction(
         )
         result, campaign = stressed.result, stressed.campaign
         steps.done(f"{label} {bits}-bit")
-        labelled.setdefault(bits, []).append((label, campaign))
+        if storage is None:  # the storage variants go in the table; under random flips offset binary
+            labelled.setdefault(bits, []).append((label, campaign))  # equals two's complement exactly
         rows.append(
             {
                 "method": label,
