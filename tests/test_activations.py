@@ -204,3 +204,22 @@ def test_weights_and_activations_together_reproducible() -> None:
     with inject(model, BitErrorModel(ber=1e-2), seed=4):
         weights_only = torch.cat([model(b) for b in x.split(32)])
     assert not torch.equal(first, weights_only)
+
+
+def test_per_layer_protection_routes_each_buffer_to_its_layer_rule() -> None:
+    """``--protect`` on activations: the buffer of layer ``0`` is fully protected (msb8 on 8-bit codes),
+    the buffer of layer ``2`` falls to ``*=none``; a pattern matching no layer leaves a buffer alone."""
+    from qmargin.faults.protection import ProtectedErrorModel
+
+    model, x = _mlp(), _data()
+    q = ActivationQuantizers(model, QuantSpec(8), layers=["0", "2"])
+    q.calibrate([x])
+    clean = model(x)
+    with inject_activations(q, ProtectedErrorModel("0=msb8", ber=0.1), seed=5) as report:
+        hit = model(x)
+    assert report.bits_hit["0"] == 0 and report.bits_hit["2"] > 0
+    assert not torch.equal(clean, hit)
+    with inject_activations(q, ProtectedErrorModel("0=msb8,2=msb8", ber=0.1), seed=5) as report:
+        assert torch.equal(model(x), clean)
+    assert report.bits_hit == {"0": 0, "2": 0}
+    q.remove()

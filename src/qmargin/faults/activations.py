@@ -16,7 +16,9 @@ entered (0, 1, ...), so results depend on the batch size and the order of the ba
 Where protections plug in: every kind gets ``(codes, bits, generator, protected)`` on a flat tensor of
 ``bits``-bit words (``uint8`` words for a non-default storage), the interface of
 :class:`qmargin.faults.FaultKind`; a registered kind (an ECC decoder, say) applies to activation
-buffers unchanged.
+buffers unchanged. A per-layer protection (``--protect``, :mod:`qmargin.faults.protection`) routes each
+buffer to the rule of its layer (:func:`layer_error_model`). Detected uncorrectable errors in
+activation buffers are decoded by the policy (keep / zero) but not counted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from qmargin.errors import ConfigError
 from qmargin.faults.error_model import ErrorModel, word_format
@@ -33,7 +35,7 @@ from qmargin.faults.functional import check_seed, derive_seed, make_generator
 from qmargin.quant.activations import ActivationQuantizers
 from qmargin.quant.codes import DEFAULT_STORAGE, StorageFormat, from_words, protected_positions, to_words
 
-__all__ = ["ActivationFaultReport", "corrupt_activation_codes_", "inject_activations"]
+__all__ = ["ActivationFaultReport", "corrupt_activation_codes_", "inject_activations", "layer_error_model"]
 
 ACTIVATION_STREAM = "activations"
 
@@ -91,6 +93,17 @@ class ActivationFaultReport:
     words: dict[str, int] = field(default_factory=dict)
 
 
+def layer_error_model(error_model: ErrorModel, layer: str, module: nn.Module) -> ErrorModel | None:
+    """What hits the activation buffer of ``layer``: ``error_model`` itself, or for a per-layer model
+    (``parts``, e.g. ``--protect conv*=msb2,fc3=secded64``) its first part whose layer pattern matches
+    ``layer`` (``None``: no part does, the buffer is not hit). The same rules as for the layer's
+    stored weights, applied to its output codes."""
+    parts = getattr(error_model, "parts", None)
+    if parts is None:
+        return error_model
+    return next((part for part in parts if part.selection.selects_layer(layer, module)), None)
+
+
 @contextmanager
 def inject_activations(
     quantizers: ActivationQuantizers, error_model: ErrorModel, seed: int
@@ -103,8 +116,6 @@ def inject_activations(
     its layer selection is not used (the activation layers are the quantizers').
     """
     check_seed(seed)
-    if getattr(error_model, "parts", None) is not None:
-        raise ConfigError("a per-layer error model (e.g. --protect) is for stored weights, not activations")
     if quantizers.spec.bits < 2:
         raise ConfigError("activation codes need at least 2 bits")
     report = ActivationFaultReport(seed)
@@ -115,8 +126,9 @@ def inject_activations(
         report.batches += 1
 
     def edit(layer: str, codes: Tensor) -> None:
-        hit = corrupt_activation_codes_(
-            codes, quantizers.spec.bits, error_model, seed, layer, max(state["batch"], 0),
+        em = layer_error_model(error_model, layer, quantizers.model.get_submodule(layer))
+        hit = 0 if em is None else corrupt_activation_codes_(
+            codes, quantizers.spec.bits, em, seed, layer, max(state["batch"], 0),
             storage=quantizers.spec.storage, saturate=quantizers.spec.saturate,
         )
         report.bits_hit[layer] = report.bits_hit.get(layer, 0) + hit
