@@ -60,8 +60,8 @@ from qmargin.engine.sensitivity import (
 )
 from qmargin.engine.store import jsonable
 from qmargin.errors import ConfigError
-from qmargin.faults import BitErrorModel, ProtectedErrorModel, ProtectionRule, ProtectionSpec
-from qmargin.faults.protection import Scheme, parse_scheme
+from qmargin.faults import BitErrorModel, ProtectedErrorModel, ProtectionSpec
+from qmargin.faults.protection import ProtectionRule, Scheme, parse_scheme
 from qmargin.stats import CI_LEVEL, mean_confidence_interval, paired_difference, summarize_accuracies
 
 __all__ = [
