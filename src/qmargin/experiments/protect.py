@@ -271,6 +271,7 @@ def certify_flips_plan(
                 "certified": mf is not None and int(mf) >= flips,
                 "margin_quantized": cert["margin_quantized"],
                 "exposed_bits": cert["n_bits"],
+                "every_exposed_bit": cert["all_bits"],
             }
         row["hardened_bits"] = k * int(codes.numel())
         row["cost"] = hardened_cost * k / int(b)

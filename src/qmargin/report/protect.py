@@ -133,6 +133,8 @@ def certify_flips_table(res: Result, *, title: str | None = None) -> Table:
         table.add_column(col, justify="right")
     for row in res["rows"]:
         flips = "all (no bit exposed)" if row["all_bits_hardened"] else str(row["max_flips"])
+        if row.get("every_exposed_bit"):
+            flips += " (every exposed bit)"
         table.add_row(
             f"K={row['k']}",
             flips,
