@@ -195,17 +195,17 @@ def solve_knapsack(
         back.append((arg, front))
     if not math.isfinite(dp[grid]):
         return None
-    picks = [0] * len(table)
+    chosen = [0] * len(table)
     c = grid
     for i in range(len(table) - 1, -1, -1):
         arg, _ = back[i]
         j = int(arg[c])
-        picks[i] = j
+        chosen[i] = j
         d = _clamped(table[i][j].drop)
         c -= _weight(d, unit, grid)
-    cost = sum(table[i][j].cost for i, j in enumerate(picks))
-    drop = sum(_clamped(table[i][j].drop) for i, j in enumerate(picks))
-    return Solution(tuple(picks), cost, drop, f"dp (grid {grid})")
+    cost = sum(table[i][j].cost for i, j in enumerate(chosen))
+    drop = sum(_clamped(table[i][j].drop) for i, j in enumerate(chosen))
+    return Solution(tuple(chosen), cost, drop, f"dp (grid {grid})")
 
 
 def greedy_knapsack(table: Sequence[Sequence[Option]], budget: float) -> Solution | None:
@@ -254,6 +254,11 @@ def plan_spec_text(assignment: Mapping[str, str]) -> str:
         if text != "none":
             rules.append(f"{glob_escape(layer)}={text}")
     return ProtectionSpec.parse(",".join(rules)).text
+
+
+def _strongest(row: Sequence[Option]) -> int:
+    """The option of least (clamped) drop; ties: the cheaper."""
+    return min(range(len(row)), key=lambda j: (_clamped(row[j].drop), row[j].cost))
 
 
 def _layer_bits(layer: StoredLayer, scheme: Scheme) -> tuple[int, int, int]:
@@ -477,9 +482,7 @@ def plan_protection(
             }
         return verified[spec]
 
-    strongest = [
-        min(range(len(row)), key=lambda j, row=row: (_clamped(row[j].drop), row[j].cost)) for row in table
-    ]
+    strongest = [_strongest(row) for row in table]
     trace: list[dict[str, Any]] = []
     budget = float(max_drop)
     chosen: dict[str, Any] | None = None
