@@ -447,17 +447,19 @@ def plan_protection(
         if spec not in verified:
             em = _error_model(spec, ber, template)
             names = tuple(layer.name for layer in layers)
-            run = run_cells(
-                model,
-                evaluation,
-                lambda _layers: [SensitivityCell("full", None, None, names, (em,))],
-                seeds=seeds,
-                template=template,
-                reuse=reuse,
-                cache_bytes=cache_bytes,
-                progress=None if progress is None else (lambda d, t, _s: progress(d, t, label)),
-            )
-            cell = run.cells[0]
+            if spec == "none":  # the unprotected model: measured with the layers, same seeds
+                cell = unprotected_cell
+            else:
+                cell = run_cells(
+                    model,
+                    evaluation,
+                    lambda _layers: [SensitivityCell("full", None, None, names, (em,))],
+                    seeds=seeds,
+                    template=template,
+                    reuse=reuse,
+                    cache_bytes=cache_bytes,
+                    progress=None if progress is None else (lambda d, t, _s: progress(d, t, label)),
+                ).cells[0]
             plan = em.plan(model)
             gain = paired_difference(
                 dict(zip(seeds, unprotected_cell["values"], strict=True)),
