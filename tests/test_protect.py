@@ -212,3 +212,69 @@ def test_mondeq_certified_variant_picks_the_smallest_k(tmp_path, capsys):
         capsys, "protect", run, "--certify-flips", str(target), "--out", tmp_path / "d.json"
     )
     assert code == 0, err and f"msb{k}" in stdout
+
+
+_DROPS = {"none": 0.3, "msb1": 0.1, "msb2": 0.05}
+
+
+def _fake_run_cells(model, evaluation, make_cells, *, seeds, template, **_):
+    """Per-layer drops from ``_DROPS``; a whole-model run loses 1.6x their sum (not additive)."""
+    from qmargin.engine.cells import prepared
+    from qmargin.engine.sensitivity import CellsRun, stored_layers
+
+    with prepared(model, torch.device("cpu"), template):
+        layers = stored_layers(model, template)
+    out = []
+    for cell in make_cells(layers):
+        (em,) = cell.error_models
+        if cell.kind == "layer":
+            d = _DROPS[em.spec.rules[0].scheme.text]
+        else:
+            d = 1.6 * sum(_DROPS[em.spec.scheme_for(la.name)[1].text] for la in layers)
+        drops = [d - 0.001, d, d + 0.001][: len(seeds)]
+        out.append(
+            {"values": [0.9 - x for x in drops], "drops": drops, "mean_drop": d, "std_drop": 0.0008,
+             "ci_low": d - 0.002, "ci_high": d + 0.002, "observed_ber": 0.01, "seconds": 0.0}
+        )  # fmt: skip
+    return CellsRun(0.9, 10, layers, out, {"used": False}, {"model_sha256": "x"})
+
+
+def _two_layers():
+    torch.manual_seed(0)
+    return MLP(8, 4, (6,), spec=QuantSpec(4)).eval()  # fc1, fc2
+
+
+def test_verification_tightens_the_budget_until_the_plan_holds(monkeypatch):
+    from qmargin.engine import Evaluation, planner
+
+    monkeypatch.setattr(planner, "run_cells", _fake_run_cells)
+    data = (torch.randn(10, 8), torch.randint(0, 4, (10,)))
+    res = planner.plan_protection(
+        _two_layers(), Evaluation(data), ber=0.01, max_drop=0.4, choices=("none", "msb1", "msb2"), patterns=3
+    )
+    trace = res["trace"]
+    # round 1: none + msb1 sums to 0.4 but loses 0.64; the budget shrinks to 0.4 * 0.4 / 0.64 = 0.25
+    assert [t["meets_target"] for t in trace] == [False, True]
+    assert trace[0]["estimated_drop"] == pytest.approx(0.4) and trace[0]["verified_drop"] == pytest.approx(
+        0.64
+    )
+    assert trace[1]["budget"] == pytest.approx(0.25) and trace[1]["spec"] == "msb1"
+    assert (
+        res["feasible"]
+        and res["plan"]["spec"] == "msb1"
+        and res["plan"]["drop"]["mean"] == pytest.approx(0.32)
+    )
+    assert res["references"]["full_protection"]["spec"] == "msb2"
+
+
+def test_no_plan_when_even_the_strongest_misses(monkeypatch):
+    from qmargin.engine import Evaluation, planner
+
+    monkeypatch.setattr(planner, "run_cells", _fake_run_cells)
+    data = (torch.randn(10, 8), torch.randint(0, 4, (10,)))
+    res = planner.plan_protection(
+        _two_layers(), Evaluation(data), ber=0.01, max_drop=0.12, choices=("none", "msb1", "msb2"), patterns=3
+    )
+    # the knapsack finds msb2 + msb2 (0.1 <= 0.12); it loses 0.16; no cheaper-or-stronger plan is left
+    assert not res["feasible"] and res["plan"] is None
+    assert len(res["trace"]) == 1 and res["best_attempt"]["spec"] == "msb2"  # not verified twice
