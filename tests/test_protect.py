@@ -156,7 +156,7 @@ def test_infeasible_target_is_reported_exit_1(mlp_run, capsys):
 def test_cli_writes_the_plan_json(mlp_run, capsys):
     code, stdout, err = cli(
         capsys, "protect", mlp_run, "--ber", "0.05", "--max-drop", "2", "--patterns", "3", "-q",
-        "--device", "cpu", "--hardened-cost", "0.5",
+        "--device", "cpu", "--hardened-cost", "0.5", "--choices", "none,msb1,msb2,secded(72,64)",
     )  # fmt: skip
     assert code == 0, err
     res = json.loads((mlp_run / "protect.json").read_text())
@@ -175,6 +175,7 @@ def test_cli_writes_the_plan_json(mlp_run, capsys):
     [
         (["--ber", "0.05", "--choices", "msb1,bogus"], "unknown protection scheme"),
         (["--ber", "0.05", "--choices", "fc1=msb1"], "not rules"),
+        (["--ber", "0.05", "--choices", " , "], "at least one scheme"),
         (["--ber", "0.05", "--max-drop", "-1"], "--max-drop"),
         ([], "--ber"),
         (["--certify-flips", "3"], "MonDEQ"),

@@ -1587,7 +1587,6 @@ def protect(
     with its overhead, beside the unprotected and fully protected model. Exit status 1 when no plan
     meets the target (the JSON says so), 2 for a usage error.
     """
-    choice_list = [c.strip() for c in choices.split(",") if c.strip()]
     from qmargin.report.protect import (  # lazy: rich tables of the result
         certify_flips_table,
         protect_layers_table,
@@ -1623,12 +1622,9 @@ def protect(
     if ber is None:
         raise ConfigError("--ber P is required (a bit error rate in (0, 1])")
     opt.check_seed_span(seed, patterns)
-    from qmargin.experiments.evaluate import protection_spec_text  # lazy: torch
+    from qmargin.experiments.protect import parse_choices  # lazy: torch
 
-    for c in choice_list:
-        if "=" in c:
-            raise ConfigError(f"--choices takes schemes (none, msbK, secdedK, parityK), not rules: {c!r}")
-        protection_spec_text(c)  # a bad scheme is a one-line error
+    choice_list = parse_choices(choices)
     spec = model
     run: Path | None = None
     if run_or_model is not None:

@@ -29,18 +29,45 @@ from qmargin.errors import ConfigError
 from qmargin.experiments.evaluate import run_input_files
 from qmargin.experiments.external import QuantOptions, external_input_files
 from qmargin.experiments.sensitivity import Target, load_external_target, load_run_target
+from qmargin.faults.protection import parse_scheme
 from qmargin.files import check_outputs, holds_lock, write_text_atomic
 
 __all__ = [
     "protect_run",
     "protect_external",
     "max_drop_in_metric_units",
+    "parse_choices",
     "certify_flips_plan",
     "CERTIFY_SCHEMA",
 ]
 
 CERTIFY_SCHEMA = "qmargin.protection-certified"
 Progress = Callable[[int, int, str], None]
+
+
+def parse_choices(text: str) -> list[str]:
+    """``--choices``: comma-separated schemes of the spec language (commas inside ``secded(72,64)``
+    belong to the scheme), each checked and written canonically; rules (``PATTERN=``) are refused."""
+    parts: list[str] = []
+    cur, depth = "", 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if "=" in part:
+            raise ConfigError(f"--choices takes schemes (none, msbK, secdedK, parityK), not rules: {part!r}")
+        out.append(parse_scheme(part).text)
+    if not out:
+        raise ConfigError("--choices needs at least one scheme, e.g. none,msb1,msb2,secded64")
+    return out
 
 
 def max_drop_in_metric_units(max_drop: float, fraction: bool) -> float:
