@@ -279,3 +279,16 @@ def test_no_plan_when_even_the_strongest_misses(monkeypatch):
     # the knapsack finds msb2 + msb2 (0.1 <= 0.12); it loses 0.16; no cheaper-or-stronger plan is left
     assert not res["feasible"] and res["plan"] is None
     assert len(res["trace"]) == 1 and res["best_attempt"]["spec"] == "msb2"  # not verified twice
+
+
+def test_strict_targets_the_upper_end_of_the_ci(monkeypatch):
+    from qmargin.engine import Evaluation, planner
+
+    monkeypatch.setattr(planner, "run_cells", _fake_run_cells)
+    data = (torch.randn(10, 8), torch.randint(0, 4, (10,)))
+    kw = {"ber": 0.01, "choices": ("none", "msb1", "msb2"), "patterns": 3}
+    # msb1 everywhere loses 0.32 (CI up to 0.322): the mean meets 0.321, the CI does not
+    loose = planner.plan_protection(_two_layers(), Evaluation(data), max_drop=0.321, **kw)
+    strict = planner.plan_protection(_two_layers(), Evaluation(data), max_drop=0.321, strict=True, **kw)
+    assert loose["plan"]["spec"] == "msb1" and strict["plan"]["spec"] != "msb1"
+    assert strict["plan"]["drop"]["ci_high"] <= 0.321 and strict["strict"]

@@ -1516,6 +1516,9 @@ def protect(
     rounds: Annotated[
         int, typer.Option(click_type=opt.Integer(1, 100), help="Verification rounds at most.")
     ] = 4,
+    strict: Annotated[
+        bool, typer.Option(help="Meet the target with the upper end of the drop's 95% CI, not its mean.")
+    ] = False,
     certify_flips: Annotated[
         int | None,
         typer.Option(
@@ -1648,6 +1651,7 @@ def protect(
         "base_seed": seed,
         "hardened_cost": hardened_cost,
         "rounds": rounds,
+        "strict": strict,
         "include_bias": include_bias,
         "batch_size": batch_size,
         "device": device,

@@ -104,6 +104,7 @@ def protect_summary_table(res: Result, *, title: str | None = None) -> Table:
             f"{_f(d['mean'], k)} {_ci(d['ci_low'], d['ci_high'], k)}",
         )
     limit = _f(res["max_drop"], k)
+    what = "95% CI upper end of the" if res.get("strict") else "mean"
     gain = (plan or {}).get("gain_vs_unprotected")
     paired = ""
     if gain is not None:
@@ -111,7 +112,7 @@ def protect_summary_table(res: Result, *, title: str | None = None) -> Table:
             f"plan - unprotected (paired): {_f(gain['mean'], k)} {_ci(gain['ci_low'], gain['ci_high'], k)}; "
         )
     table.caption = (
-        f"target: mean drop <= {limit}{unit} at BER {res['ber']:g} (verified on the whole model, "
+        f"target: {what} drop <= {limit}{unit} at BER {res['ber']:g} (verified on the whole model, "
         f"{res['patterns']} paired patterns); {paired}overhead = extra stored bits / data bits; hardened = "
         "bits in hardened memory / data bits; cost = overhead + hardened-cost x hardened"
     )
