@@ -257,8 +257,34 @@ def plan_spec_text(assignment: Mapping[str, str]) -> str:
 
 
 def _strongest(row: Sequence[Option]) -> int:
-    """The option of least (clamped) drop; ties: the cheaper."""
-    return min(range(len(row)), key=lambda j: (_clamped(row[j].drop), row[j].cost))
+    """The option of least (clamped) drop; ties (drops within noise of 0 all clamp to 0): the costlier,
+    i.e. the more protection."""
+    return min(range(len(row)), key=lambda j: (_clamped(row[j].drop), -row[j].cost))
+
+
+def _upgrade(
+    table: Sequence[Sequence[Option]], picks: Sequence[int], data_bits: Sequence[int], verified: float
+) -> tuple[int, int] | None:
+    """``(layer, option)``: the next step up for the layer with the largest remaining drop.
+
+    The remaining drop of layer ``L`` is its measured drop ``max(0, d(L, S_L))`` plus its share of the
+    part of the verified drop the layers' sum does not explain, ``max(0, verified - sum_L d)``, shared
+    in proportion to the data bits of the layers that can still be upgraded (errors scale with the
+    bits exposed). That layer moves to its next costlier option (ties: the smaller drop); ``None`` when
+    every layer has its costliest option."""
+    d = [_clamped(table[i][j].drop) for i, j in enumerate(picks)]
+    open_layers = [i for i, j in enumerate(picks) if any(o.cost > table[i][j].cost for o in table[i])]
+    if not open_layers:
+        return None
+    rest = max(0.0, verified - sum(d))
+    bits = sum(data_bits[i] for i in open_layers) or 1
+    i = max(open_layers, key=lambda k: (d[k] + rest * data_bits[k] / bits, data_bits[k]))
+    cur = table[i][picks[i]].cost
+    j = min(
+        (j for j, o in enumerate(table[i]) if o.cost > cur),
+        key=lambda j: (table[i][j].cost, _clamped(table[i][j].drop)),
+    )
+    return i, j
 
 
 def _layer_bits(layer: StoredLayer, scheme: Scheme) -> tuple[int, int, int]:
@@ -492,27 +518,38 @@ def plan_protection(
     budget = float(max_drop)
     chosen: dict[str, Any] | None = None
     failed: set[tuple[int, ...]] = set()
+    layer_bits = [_layer_bits(layer, Scheme("none"))[0] for layer in layers]
+
+    def solution(picks: tuple[int, ...], method: str) -> Solution:
+        return Solution(
+            picks,
+            sum(table[i][j].cost for i, j in enumerate(picks)),
+            sum(_clamped(table[i][j].drop) for i, j in enumerate(picks)),
+            method,
+        )
+
+    last: tuple[tuple[int, ...], float] | None = None  # the last refused plan, its verified drop
     for r in range(rounds):
         note = None
-        sol = None if r == rounds - 1 and r > 0 else solve_knapsack(table, budget)
-        for _ in range(64):  # a tightened budget can give a plan already refused: tighten on
-            if sol is None or sol.picks not in failed:
-                break
-            budget *= 0.9
-            sol = solve_knapsack(table, budget)
+        final = r == rounds - 1 and r > 0
+        sol = None if final else solve_knapsack(table, budget)
+        if sol is not None and sol.picks in failed and last is not None:
+            # the knapsack repeats a refused plan (its drops explain too little): step up one layer
+            up = _upgrade(table, last[0], layer_bits, last[1])
+            sol = None
+            if up is not None:
+                picks = tuple(up[1] if k == up[0] else j for k, j in enumerate(last[0]))
+                if picks not in failed:
+                    sol = solution(picks, "upgrade")
+                    note = f"{layers[up[0]].name} up to {table[up[0]][up[1]].scheme} (largest remaining drop)"
         if sol is None:
             picks = tuple(strongest)
             if picks in failed:
                 break
             note = "the strongest scheme per layer (" + (
-                "last round)" if r == rounds - 1 and r > 0 else "the knapsack has no plan within the budget)"
+                "last round)" if final else "nothing cheaper is left within the budget)"
             )
-            sol = Solution(
-                picks,
-                sum(table[i][j].cost for i, j in enumerate(picks)),
-                sum(_clamped(table[i][j].drop) for i, j in enumerate(picks)),
-                "strongest",
-            )
+            sol = solution(picks, "strongest")
         assign = {
             layer.name: table[i][j].scheme for i, (layer, j) in enumerate(zip(layers, sol.picks, strict=True))
         }
@@ -537,17 +574,21 @@ def plan_protection(
             chosen = v
             break
         failed.add(sol.picks)
+        last = (sol.picks, v["drop"]["mean"])
         if sol.method == "strongest":
             break
         budget = budget * min(0.9, max_drop / vd) if vd > 0 else budget * 0.5
 
     full_scheme = None
-    best_total = math.inf
-    for s in schemes:
+    best_key = (math.inf, 0.0)
+    for s in schemes:  # least total measured drop; ties: the costlier (more protection)
         if all((layer.name, s.text) in by_key for layer in layers):
             total = sum(_clamped(by_key[(layer.name, s.text)]["mean_drop"]) for layer in layers)
-            if total < best_total - _EPS:
-                full_scheme, best_total = s.text, total
+            cost = sum(
+                _layer_bits(layer, s)[1] + hardened_cost * _layer_bits(layer, s)[2] for layer in layers
+            )
+            if (total, -cost) < best_key:
+                full_scheme, best_key = s.text, (total, -cost)
     references: dict[str, Any] = {
         "unprotected": {
             "spec": "none",
