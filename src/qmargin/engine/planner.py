@@ -30,10 +30,14 @@ Drops need not add up (errors in two layers interact), so the chosen plan is **v
 paired run of the whole model at ``p`` with every layer under its scheme (the same seeds: the numbers
 a campaign ``qmargin evaluate --protect SPEC --ber p --repeats R --seed base_seed`` measures). If the
 verified mean drop exceeds ``max_drop``, the budget is tightened, ``B <- B * min(0.9, max_drop /
-verified)``, and the knapsack solved and verified again, at most ``rounds`` times; the last round
-tries the strongest plan per layer (least measured drop). No verified plan within the target:
-``feasible = False``. References at the same ``p`` and seeds: the unprotected model and the fully
-protected one (the candidate with the least total measured drop, on every layer).
+verified)``, and the knapsack solved and verified again, at most ``rounds`` times. When the knapsack
+repeats a refused plan (the per-layer drops are within noise of 0 and explain too little of the
+verified drop), the layer with the largest remaining drop (:func:`_upgrade`: its measured drop plus
+its share, by data bits, of the unexplained part) moves to its next costlier scheme instead. The last
+round tries the strongest plan (per layer the least measured drop; ties: the costlier scheme). No
+verified plan within the target: ``feasible = False``. References at the same ``p`` and seeds: the
+unprotected model and the fully protected one (the candidate with the least total measured drop on
+every layer; ties: the costlier).
 """
 
 from __future__ import annotations
