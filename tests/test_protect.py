@@ -218,8 +218,9 @@ def test_mondeq_certified_variant_picks_the_smallest_k(tmp_path, capsys):
 _DROPS = {"none": 0.3, "msb1": 0.1, "msb2": 0.05}
 
 
-def _fake_run_cells(model, evaluation, make_cells, *, seeds, template, **_):
-    """Per-layer drops from ``_DROPS``; a whole-model run loses 1.6x their sum (not additive)."""
+def _fake_run_cells(model, evaluation, make_cells, *, seeds, template, full=None, **_):
+    """Per-layer drops from ``_DROPS``; a whole-model run loses 1.6x their sum (not additive), or
+    ``full(schemes by layer)``."""
     from qmargin.engine.cells import prepared
     from qmargin.engine.sensitivity import CellsRun, stored_layers
 
@@ -230,6 +231,8 @@ def _fake_run_cells(model, evaluation, make_cells, *, seeds, template, **_):
         (em,) = cell.error_models
         if cell.kind == "layer":
             d = _DROPS[em.spec.rules[0].scheme.text]
+        elif full is not None:
+            d = full({la.name: em.spec.scheme_for(la.name)[1].text for la in layers})
         else:
             d = 1.6 * sum(_DROPS[em.spec.scheme_for(la.name)[1].text] for la in layers)
         drops = [d - 0.001, d, d + 0.001][: len(seeds)]
@@ -292,3 +295,23 @@ def test_strict_targets_the_upper_end_of_the_ci(monkeypatch):
     strict = planner.plan_protection(_two_layers(), Evaluation(data), max_drop=0.321, strict=True, **kw)
     assert loose["plan"]["spec"] == "msb1" and strict["plan"]["spec"] != "msb1"
     assert strict["plan"]["drop"]["ci_high"] <= 0.321 and strict["strict"]
+
+
+def test_a_repeated_refused_plan_upgrades_the_layer_with_the_largest_remaining_drop(monkeypatch):
+    import functools
+
+    from qmargin.engine import Evaluation, planner
+
+    # every layer measures 0 alone, yet the whole model loses 0.3 unless fc1 (48 of 72 weights) is protected
+    monkeypatch.setitem(_DROPS, "none", 0.0)
+    monkeypatch.setitem(_DROPS, "msb1", 0.0)
+    fake = functools.partial(_fake_run_cells, full=lambda s: 0.3 if s["fc1"] == "none" else 0.0)
+    monkeypatch.setattr(planner, "run_cells", fake)
+    data = (torch.randn(10, 8), torch.randint(0, 4, (10,)))
+    res = planner.plan_protection(
+        _two_layers(), Evaluation(data), ber=0.01, max_drop=0.1, choices=("none", "msb1", "msb2"), patterns=3
+    )
+    trace = res["trace"]
+    assert [t["spec"] for t in trace] == ["none", "fc1=msb1"]
+    assert trace[1]["method"] == "upgrade" and "fc1 up to msb1" in trace[1]["note"]
+    assert res["feasible"] and res["plan"]["spec"] == "fc1=msb1"
