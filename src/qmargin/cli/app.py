@@ -1510,7 +1510,7 @@ def protect(
     hardened_cost: Annotated[
         float,
         typer.Option(
-            click_type=opt.Real(0.0, 1e6), help="Stored bits one hardened bit (msbK) costs (default 1.0)."
+            click_type=opt.Real(0.0, 1e6), help="Stored bits one hardened bit (msbK) costs."
         ),
     ] = 1.0,
     rounds: Annotated[
