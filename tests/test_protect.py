@@ -315,3 +315,27 @@ def test_a_repeated_refused_plan_upgrades_the_layer_with_the_largest_remaining_d
     assert [t["spec"] for t in trace] == ["none", "fc1=msb1"]
     assert trace[1]["method"] == "upgrade" and "fc1 up to msb1" in trace[1]["note"]
     assert res["feasible"] and res["plan"]["spec"] == "fc1=msb1"
+
+
+def test_cli_on_your_own_model(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    from external_helpers import import_file, write_cnn, write_test_set
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(3)
+    model = import_file(write_cnn(tmp_path)).make_cnn()
+    write_test_set(tmp_path / "test.npz", model)
+    save_file(model.state_dict(), tmp_path / "cnn.safetensors")
+    code, stdout, err = cli(
+        capsys, "protect", "--model", "mycnn.py:make_cnn", "--weights", "cnn.safetensors", "--data",
+        "npz:test.npz", "--bits", "4", "--ber", "0.02", "--max-drop", "5", "--patterns", "3",
+        "--out", "p.json", "-q", "--device", "cpu",
+    )  # fmt: skip
+    assert code in (0, 1), err
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert [la["layer"] for la in res["layers"]] == ["0", "4", "8"]
+    assert res["config"]["model"] == "mycnn.py:make_cnn" and res["weights"]["sha256"]
+    assert res["feasible"] == (code == 0)
+    code, _, err = cli(capsys, "protect", "mycnn.py:make_cnn", "--ber", "0.1", "--out", "q.json")
+    assert code == 2 and "--data" in err
