@@ -297,7 +297,7 @@ def test_strict_targets_the_upper_end_of_the_ci(monkeypatch):
     assert strict["plan"]["drop"]["ci_high"] <= 0.321 and strict["strict"]
 
 
-def test_a_repeated_refused_plan_upgrades_the_layer_with_the_largest_remaining_drop(monkeypatch):
+def test_a_repeated_refused_plan_takes_the_best_verified_one_layer_step(monkeypatch):
     import functools
 
     from qmargin.engine import Evaluation, planner
@@ -314,6 +314,8 @@ def test_a_repeated_refused_plan_upgrades_the_layer_with_the_largest_remaining_d
     trace = res["trace"]
     assert [t["spec"] for t in trace] == ["none", "fc1=msb1"]
     assert trace[1]["method"] == "upgrade" and "fc1 up to msb1" in trace[1]["note"]
+    # both one-layer steps were verified; fc2's alone leaves the drop at 0.3
+    assert sorted(t["spec"] for t in trace[1]["tried"]) == ["fc1=msb1", "fc2=msb1"]
     assert res["feasible"] and res["plan"]["spec"] == "fc1=msb1"
 
 

@@ -32,12 +32,13 @@ a campaign ``qmargin evaluate --protect SPEC --ber p --repeats R --seed base_see
 verified mean drop exceeds ``max_drop``, the budget is tightened, ``B <- B * min(0.9, max_drop /
 verified)``, and the knapsack solved and verified again, at most ``rounds`` times. When the knapsack
 repeats a refused plan (the per-layer drops are within noise of 0 and explain too little of the
-verified drop), the layer with the largest remaining drop (:func:`_upgrade`: its measured drop plus
-its share, by data bits, of the unexplained part) moves to its next costlier scheme instead. The last
-round tries the strongest plan (per layer the least measured drop; ties: the costlier scheme). No
-verified plan within the target: ``feasible = False``. References at the same ``p`` and seeds: the
-unprotected model and the fully protected one (the candidate with the least total measured drop on
-every layer; ties: the costlier).
+verified drop: errors in several layers compound), a verified greedy step replaces it: each layer in
+turn moves to its strongest scheme on top of the refused plan, each such plan is verified, and the
+cheapest one meeting the target wins, else the one removing the most verified drop per extra cost
+(``n`` verifications in that round, all in the trace). The last round tries the strongest plan
+(per layer the least measured drop; ties: the costlier scheme). No verified plan within the target:
+``feasible = False``. References at the same ``p`` and seeds: the unprotected model and the fully
+protected one (the candidate with the least total measured drop on every layer; ties: the costlier).
 """
 
 from __future__ import annotations
@@ -264,31 +265,6 @@ def _strongest(row: Sequence[Option]) -> int:
     """The option of least (clamped) drop; ties (drops within noise of 0 all clamp to 0): the costlier,
     i.e. the more protection."""
     return min(range(len(row)), key=lambda j: (_clamped(row[j].drop), -row[j].cost))
-
-
-def _upgrade(
-    table: Sequence[Sequence[Option]], picks: Sequence[int], data_bits: Sequence[int], verified: float
-) -> tuple[int, int] | None:
-    """``(layer, option)``: the next step up for the layer with the largest remaining drop.
-
-    The remaining drop of layer ``L`` is its measured drop ``max(0, d(L, S_L))`` plus its share of the
-    part of the verified drop the layers' sum does not explain, ``max(0, verified - sum_L d)``, shared
-    in proportion to the data bits of the layers that can still be upgraded (errors scale with the
-    bits exposed). That layer moves to its next costlier option (ties: the smaller drop); ``None`` when
-    every layer has its costliest option."""
-    d = [_clamped(table[i][j].drop) for i, j in enumerate(picks)]
-    open_layers = [i for i, j in enumerate(picks) if any(o.cost > table[i][j].cost for o in table[i])]
-    if not open_layers:
-        return None
-    rest = max(0.0, verified - sum(d))
-    bits = sum(data_bits[i] for i in open_layers) or 1
-    i = max(open_layers, key=lambda k: (d[k] + rest * data_bits[k] / bits, data_bits[k]))
-    cur = table[i][picks[i]].cost
-    j = min(
-        (j for j, o in enumerate(table[i]) if o.cost > cur),
-        key=lambda j: (table[i][j].cost, _clamped(table[i][j].drop)),
-    )
-    return i, j
 
 
 def _layer_bits(layer: StoredLayer, scheme: Scheme) -> tuple[int, int, int]:
@@ -522,7 +498,6 @@ def plan_protection(
     budget = float(max_drop)
     chosen: dict[str, Any] | None = None
     failed: set[tuple[int, ...]] = set()
-    layer_bits = [_layer_bits(layer, Scheme("none"))[0] for layer in layers]
 
     def solution(picks: tuple[int, ...], method: str) -> Solution:
         return Solution(
@@ -533,19 +508,50 @@ def plan_protection(
         )
 
     last: tuple[tuple[int, ...], float] | None = None  # the last refused plan, its verified drop
+
+    def assignment(picks: Sequence[int]) -> dict[str, str]:
+        return {
+            layer.name: table[i][j].scheme for i, (layer, j) in enumerate(zip(layers, picks, strict=True))
+        }
+
+    def target_drop(v: dict[str, Any]) -> float:
+        """What must stay within ``max_drop``: the verified mean drop (``strict``: its CI's upper end)."""
+        hi = v["drop"]["ci_high"]
+        return float(hi) if strict and hi is not None else float(v["drop"]["mean"])
+
     for r in range(rounds):
         note = None
         final = r == rounds - 1 and r > 0
         sol = None if final else solve_knapsack(table, budget)
+        tried: list[dict[str, Any]] = []
         if sol is not None and sol.picks in failed and last is not None:
-            # the knapsack repeats a refused plan (its drops explain too little): step up one layer
-            up = _upgrade(table, last[0], layer_bits, last[1])
+            # the knapsack repeats a refused plan (its drops explain too little): a verified greedy
+            # step, each layer in turn moved to its strongest scheme on top of the refused plan
             sol = None
-            if up is not None:
-                picks = tuple(up[1] if k == up[0] else j for k, j in enumerate(last[0]))
-                if picks not in failed:
-                    sol = solution(picks, "upgrade")
-                    note = f"{layers[up[0]].name} up to {table[up[0]][up[1]].scheme} (largest remaining drop)"
+            base, base_drop = last
+            best: tuple[tuple[float, float], tuple[int, ...], int] | None = None
+            for i, j in enumerate(strongest):
+                if table[i][j].cost <= table[i][base[i]].cost:
+                    continue
+                picks = tuple(j if k == i else x for k, x in enumerate(base))
+                if picks in failed:
+                    continue
+                cv = verify(assignment(picks), f"round {r + 1}: {layers[i].name}")
+                dv = target_drop(cv)
+                step_cost = solution(picks, "").cost - solution(base, "").cost
+                tried.append({"spec": cv["spec"], "verified_drop": cv["drop"]["mean"], "cost": cv["cost"]})
+                meets = dv <= max_drop + _EPS
+                key = (0.0, cv["cost"]) if meets else (1.0, -(base_drop - dv) / step_cost)
+                if best is None or key < best[0]:
+                    best = (key, picks, i)
+            if best is not None:
+                sol = solution(best[1], "upgrade")
+                up = best[2]
+                note = (
+                    f"{layers[up].name} up to {table[up][best[1][up]].scheme}: the best of {len(tried)} "
+                    "verified one-layer steps (meets the target at least cost, else most drop removed "
+                    "per cost)"
+                )
         if sol is None:
             picks = tuple(strongest)
             if picks in failed:
@@ -554,11 +560,8 @@ def plan_protection(
                 "last round)" if final else "nothing cheaper is left within the budget)"
             )
             sol = solution(picks, "strongest")
-        assign = {
-            layer.name: table[i][j].scheme for i, (layer, j) in enumerate(zip(layers, sol.picks, strict=True))
-        }
-        v = verify(assign, f"verify round {r + 1}")
-        vd = v["drop"]["ci_high"] if strict and v["drop"]["ci_high"] is not None else v["drop"]["mean"]
+        v = verify(assignment(sol.picks), f"verify round {r + 1}")
+        vd = target_drop(v)
         ok = vd <= max_drop + _EPS
         trace.append(
             {
@@ -572,13 +575,14 @@ def plan_protection(
                 "cost": v["cost"],
                 "verified_drop": v["drop"]["mean"],
                 "meets_target": ok,
+                "tried": tried,
             }
         )
         if ok:
             chosen = v
             break
         failed.add(sol.picks)
-        last = (sol.picks, v["drop"]["mean"])
+        last = (sol.picks, vd)
         if sol.method == "strongest":
             break
         budget = budget * min(0.9, max_drop / vd) if vd > 0 else budget * 0.5
