@@ -30,6 +30,11 @@ def _f(v: Any, k: float) -> str:
     return "-" if v is None else f"{k * float(v):.2f}"
 
 
+def _pct(x: float) -> str:
+    """A share as a percentage, three significant digits (``25%``, ``0.00444%``)."""
+    return f"{100 * float(x):.3g}%"
+
+
 def _ci(lo: Any, hi: Any, k: float) -> str:
     return "-" if lo is None else f"[{_f(lo, k)}, {_f(hi, k)}]"
 
@@ -97,9 +102,9 @@ def protect_summary_table(res: Result, *, title: str | None = None) -> Table:
         table.add_row(
             label,
             r["spec"],
-            f"{100 * r['overhead']:.2f}%",
-            f"{100 * r['hardened_share']:.2f}%",
-            f"{100 * r['cost']:.2f}%",
+            _pct(r["overhead"]),
+            _pct(r["hardened_share"]),
+            _pct(r["cost"]),
             f"{_f(v['mean'], k)} {_ci(v['ci_low'], v['ci_high'], k)}",
             f"{_f(d['mean'], k)} {_ci(d['ci_low'], d['ci_high'], k)}",
         )
@@ -146,7 +151,7 @@ def certify_flips_table(res: Result, *, title: str | None = None) -> Table:
             f"K={row['k']}",
             flips,
             str(row["hardened_bits"]),
-            f"{100 * row['cost']:.1f}%",
+            _pct(row["cost"]),
             "yes" if row["certified"] else "no",
         )
     table.caption = (
