@@ -283,6 +283,13 @@ def test_no_plan_when_even_the_strongest_misses(monkeypatch):
     # the knapsack finds msb2 + msb2 (0.1 <= 0.12); it loses 0.16; no cheaper-or-stronger plan is left
     assert not res["feasible"] and res["plan"] is None
     assert len(res["trace"]) == 1 and res["best_attempt"]["spec"] == "msb2"  # not verified twice
+    assert res["strongest_tried"]
+    # one round, a plan the knapsack finds and that misses: the strongest was not tried
+    one = planner.plan_protection(
+        _two_layers(), Evaluation(data), ber=0.01, max_drop=0.4, choices=("none", "msb1", "msb2"), patterns=3,
+        rounds=1,
+    )  # fmt: skip
+    assert not one["feasible"] and not one["strongest_tried"]
 
 
 def test_strict_targets_the_upper_end_of_the_ci(monkeypatch):

@@ -1719,9 +1719,7 @@ def protect(
         console.print(line)
     console.print(protect_summary_table(result, title=f"{name}: protection plan at BER {ber:g}"))
     if result["plan"] is None:
-        console.print(
-            f"no plan meets a drop of {max_drop:g} points at BER {ber:g}, not even the strongest scheme "
-            f"per layer; wrote {out}"
-        )
+        tried = "not even the strongest scheme per layer" if result["strongest_tried"] else "within --rounds"
+        console.print(f"no plan meets a drop of {max_drop:g} points at BER {ber:g}, {tried}; wrote {out}")
         raise typer.Exit(1)
     console.print(f"plan: --protect {result['plan']['spec']}; wrote {out}")

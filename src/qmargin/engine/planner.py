@@ -646,6 +646,8 @@ def plan_protection(
         "layers": layer_rows,
         "trace": trace,
         "feasible": chosen is not None,
+        "strongest_tried": tuple(strongest) in failed
+        or (chosen is not None and chosen["spec"] == plan_spec_text(assignment(strongest))),
         "plan": chosen,
         "best_attempt": None if chosen is not None else last_tried,
         "references": references,
