@@ -1481,3 +1481,245 @@ def sensitivity(
 
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2)
+
+
+@app.command()
+def protect(
+    run_or_model: Annotated[
+        str | None,
+        typer.Argument(
+            click_type=opt.Text(),
+            help="A run directory of 'qmargin train', or your model pkg.module:factory / file.py:factory.",
+        ),
+    ] = None,
+    ber: Annotated[
+        float | None,
+        typer.Option(click_type=opt.Real(0.0, 1.0, lo_open=True), help="The bit error rate P, in (0, 1]."),
+    ] = None,
+    max_drop: Annotated[
+        float,
+        typer.Option(
+            click_type=opt.Real(0.0, 1e9),
+            help="Allowed mean drop of the metric at P, in points (percentage points for accuracies).",
+        ),
+    ] = 1.0,
+    choices: Annotated[
+        str,
+        typer.Option(click_type=opt.Text(), help="Candidate schemes per layer (comma-separated)."),
+    ] = "none,msb1,msb2,secded64",
+    hardened_cost: Annotated[
+        float,
+        typer.Option(
+            click_type=opt.Real(0.0, 1e6), help="Stored bits one hardened bit (msbK) costs."
+        ),
+    ] = 1.0,
+    rounds: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, 100), help="Verification rounds at most.")
+    ] = 4,
+    strict: Annotated[
+        bool, typer.Option(help="Meet the target with the upper end of the drop's 95% CI, not its mean.")
+    ] = False,
+    certify_flips: Annotated[
+        int | None,
+        typer.Option(
+            click_type=opt.Integer(0, 1 << 40),
+            help="MonDEQ run: the cheapest msbK certifying this many arbitrary flips of W (no campaign).",
+        ),
+    ] = None,
+    patterns: Annotated[
+        int, typer.Option(click_type=opt.REPEATS, help="Paired error patterns per run (seeds S, S+1, ...).")
+    ] = 10,
+    seed: Annotated[int, typer.Option(click_type=opt.SEED, help="Base seed: pattern r uses seed + r.")] = 100,
+    out: Annotated[
+        Path | None, typer.Option(help="Plan JSON. Default: RUN/protect.json (RUN/protect-certified.json).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(click_type=opt.Text(), help="Your model (instead of RUN_OR_MODEL).")
+    ] = None,
+    model_arg: Annotated[
+        list[str] | None, typer.Option(click_type=opt.KeyValue(), help="A factory argument key=value.")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="--model: weights, .safetensors or a .pt/.pth state dict.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(click_type=opt.Text(), help="--model: test data spec (as for 'qmargin evaluate')."),
+    ] = None,
+    layers: Annotated[
+        str, typer.Option(click_type=opt.Text(), help="Comma-separated glob patterns of layers to protect.")
+    ] = "*",
+    exclude: Annotated[
+        str | None,
+        typer.Option(click_type=opt.Text(), help="--model: glob patterns of layers to leave alone."),
+    ] = None,
+    include_bias: Annotated[bool, typer.Option(help="Also hit biases stored as codes.")] = False,
+    bits: Annotated[
+        int | None,
+        typer.Option(click_type=opt.Integer(1, 8), help="Float runs / models: quantize to these bits first."),
+    ] = None,
+    quant: Annotated[str, typer.Option(click_type=QUANT, help="--model: sym | asym.")] = "sym",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="--model: one scale per output channel.")
+    ] = False,
+    metric: Annotated[
+        str, typer.Option(click_type=opt.Text(), help="top1 | topK | cross_entropy | pkg.module:name.")
+    ] = "top1",
+    data_identity: Annotated[
+        str | None, typer.Option(click_type=opt.Text(), help="--model: name the data instead of hashing it.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, opt.MAX_BATCH), help="Test samples per forward pass.")
+    ] = 1024,
+    reuse: Annotated[
+        bool,
+        typer.Option(help="Prefix reuse: clean activations before the first corrupted layer computed once."),
+    ] = True,
+    cache_mb: Annotated[
+        int, typer.Option(click_type=opt.Integer(1, 1 << 20), help="Prefix cache budget in MiB.")
+    ] = 512,
+    device: Annotated[str, typer.Option(click_type=opt.DEVICE, help="auto | cpu | cuda[:N]")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of file-based datasets.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """The cheapest per-layer protection keeping the metric drop at BER P within --max-drop.
+
+    Measures per layer and candidate scheme the drop with errors in that layer only (paired
+    patterns), solves the multiple-choice knapsack (min cost subject to the sum of drops), verifies
+    the plan on the whole model and tightens until it holds. Prints the plan as a --protect spec
+    with its overhead, beside the unprotected and fully protected model. Exit status 1 when no plan
+    meets the target (the JSON says so), 2 for a usage error.
+    """
+    from qmargin.report.protect import (  # lazy: rich tables of the result
+        certify_flips_table,
+        protect_layers_table,
+        protect_summary_table,
+        protect_trace_lines,
+    )
+
+    if certify_flips is not None:
+        if run_or_model is None or not Path(run_or_model).is_dir():
+            raise ConfigError(
+                "--certify-flips needs a run directory of a MonDEQ (qmargin train --model mondeq)"
+            )
+        if ber is not None:
+            raise ConfigError("--certify-flips certifies from the weights alone; drop --ber")
+        from qmargin.experiments.protect import certify_flips_plan  # lazy: torch
+
+        run_dir = Path(run_or_model)
+        out = out or run_dir / "protect-certified.json"
+        cres = certify_flips_plan(
+            run_dir, flips=certify_flips, bits=bits, hardened_cost=hardened_cost, out_path=out
+        )
+        console.print(
+            certify_flips_table(cres, title=f"{run_dir}: hardened top bits of W vs certified flips")
+        )
+        if cres["plan"] is None:
+            console.print(f"no msbK certifies {certify_flips} flips; wrote {out}")
+            raise typer.Exit(1)
+        console.print(
+            f"cheapest: msb{cres['plan']['k']} (--protect {cres['plan']['spec']}), "
+            f"{cres['plan']['hardened_bits']} hardened bits; wrote {out}"
+        )
+        return
+    if ber is None:
+        raise ConfigError("--ber P is required (a bit error rate in (0, 1])")
+    opt.check_seed_span(seed, patterns)
+    from qmargin.experiments.protect import parse_choices  # lazy: torch
+
+    choice_list = parse_choices(choices)
+    spec = model
+    run: Path | None = None
+    if run_or_model is not None:
+        if spec is not None:
+            raise ConfigError(f"give a run directory or model ({run_or_model}) or --model, not both")
+        if Path(run_or_model).is_dir():
+            run = Path(run_or_model)
+        elif ":" in run_or_model:
+            spec = run_or_model
+        else:
+            raise ConfigError(
+                f"{run_or_model} is neither a run directory nor a model spec "
+                "(pkg.module:factory, file.py:factory)"
+            )
+    layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip()) or ("*",)
+    common: dict[str, Any] = {
+        "ber": ber,
+        "max_drop": max_drop,
+        "choices": choice_list,
+        "patterns": patterns,
+        "base_seed": seed,
+        "hardened_cost": hardened_cost,
+        "rounds": rounds,
+        "strict": strict,
+        "include_bias": include_bias,
+        "batch_size": batch_size,
+        "device": device,
+        "data_dir": data_dir,
+        "metric": metric,
+        "reuse": reuse,
+        "cache_bytes": cache_mb * 2**20,
+    }
+    from qmargin.experiments.protect import protect_external, protect_run  # lazy: torch
+
+    with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
+        if spec is not None:
+            if data is None:
+                raise ConfigError(
+                    "--model needs --data (a dataset name, npz:FILE, folder:DIR or pkg.module:fn)"
+                )
+            if out is None:
+                raise ConfigError("a model spec needs --out FILE.json (where the plan goes)")
+            from qmargin.experiments.external import QuantOptions  # lazy: torch
+
+            result = protect_external(
+                spec,
+                data,
+                out_path=out,
+                model_args=_key_values("--model-arg", model_arg or []),
+                weights=weights,
+                data_identity=data_identity,
+                progress=progress,
+                quant=QuantOptions(
+                    bits=bits,
+                    symmetric=quant == "sym",
+                    per_channel=per_channel,
+                    layers=layer_patterns,
+                    exclude=tuple(p.strip() for p in (exclude or "").split(",") if p.strip()),
+                ),
+                **common,
+            )
+            name = spec
+        else:
+            if run is None:
+                raise ConfigError(
+                    "give a run directory of 'qmargin train', or a model spec with --data and --out"
+                )
+            for flag, on in (
+                ("--model-arg", bool(model_arg)),
+                ("--weights", weights is not None),
+                ("--data", data is not None),
+                ("--exclude", exclude is not None),
+                ("--quant", quant != "sym"),
+                ("--per-channel", per_channel),
+                ("--data-identity", data_identity is not None),
+            ):
+                if on:
+                    raise ConfigError(
+                        f"{flag} is for a model spec; a run directory brings its own model and data"
+                    )
+            out = out or run / "protect.json"
+            result = protect_run(
+                run, out_path=out, layers=layer_patterns, ptq_bits=bits, progress=progress, **common
+            )
+            name = str(run)
+    title = f"{name}: {_metric_label(result)} drop per layer and scheme"
+    console.print(protect_layers_table(result, title=title))
+    for line in protect_trace_lines(result):
+        console.print(line)
+    console.print(protect_summary_table(result, title=f"{name}: protection plan at BER {ber:g}"))
+    if result["plan"] is None:
+        tried = "not even the strongest scheme per layer" if result["strongest_tried"] else "within --rounds"
+        console.print(f"no plan meets a drop of {max_drop:g} points at BER {ber:g}, {tried}; wrote {out}")
+        raise typer.Exit(1)
+    console.print(f"plan: --protect {result['plan']['spec']}; wrote {out}")

@@ -54,7 +54,7 @@ from qmargin.engine.prefix import Split, TracedModel, live_bytes, trace_model
 from qmargin.engine.run import model_fingerprint
 from qmargin.engine.store import jsonable
 from qmargin.errors import ConfigError, DataError
-from qmargin.faults import BitErrorModel, inject
+from qmargin.faults import BitErrorModel, ErrorModel, inject
 from qmargin.interop import stored_code_groups
 from qmargin.quant.codes import protected_positions
 from qmargin.stats import CI_LEVEL, mean_confidence_interval, summarize_accuracies
@@ -66,6 +66,8 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "StoredLayer",
     "SensitivityCell",
+    "CellsRun",
+    "run_cells",
     "stored_layers",
     "sensitivity_cells",
     "sensitivity",
@@ -135,7 +137,7 @@ class SensitivityCell:
     layer: str | None
     bit: int | None
     layers: tuple[str, ...]
-    error_models: tuple[BitErrorModel, ...]
+    error_models: tuple[ErrorModel, ...]
 
 
 def _bit_models(
@@ -375,9 +377,85 @@ def sensitivity(
         raise ConfigError(f"template must be a BitErrorModel, got {type(template).__name__}")
     seeds = [base_seed + r for r in range(patterns)]
     t0 = time.perf_counter()
+    run = run_cells(
+        model,
+        evaluation,
+        lambda layers: sensitivity_cells(template, layers, by, ber),
+        seeds=seeds,
+        template=template,
+        reuse=reuse,
+        cache_bytes=cache_bytes,
+        progress=progress,
+    )
+    layers, out_cells = run.layers, run.cells
+    result: dict[str, Any] = {
+        "schema": SENSITIVITY_SCHEMA,
+        "schema_version": SENSITIVITY_VERSION,
+        "qmargin_version": qmargin.__version__,
+        "ber": ber,
+        "by": by,
+        "patterns": patterns,
+        "base_seed": base_seed,
+        "seeds": seeds,
+        "seed_scheme": "pattern r uses seed base_seed + r in every cell (paired)",
+        "ci_level": CI_LEVEL,
+        "drop": "sign * (clean - faulty), sign = +1 when higher is better: positive = worse",
+        "template": jsonable(template.to_dict()),
+        "metric": jsonable(evaluation.metric.to_dict(), "metric"),
+        "evaluation": {"n_test": run.n_test, **evaluation.settings()},
+        "fingerprint": run.fingerprint,
+        "config": jsonable(config or {}),
+        "clean_value": run.clean_value,
+        "layers": [layer.to_dict() for layer in layers],
+        "bits": sorted({w for layer in layers for w in layer.widths}),
+        "full": out_cells[0],
+        "cells": out_cells[1:],
+        "prefix_reuse": run.prefix_reuse,
+        "timing": {"seconds": time.perf_counter() - t0},
+    }
+    if weights is not None:
+        result["weights"] = dict(weights)
+    return result
+
+
+@dataclass
+class CellsRun:
+    """What :func:`run_cells` measured: the clean value and pass size, the stored layers, one dict
+    per cell (as :func:`sensitivity` stores them, in the order given), the prefix-reuse record and
+    the model / data fingerprint."""
+
+    clean_value: float
+    n_test: int
+    layers: list[StoredLayer]
+    cells: list[dict[str, Any]]
+    prefix_reuse: dict[str, Any]
+    fingerprint: dict[str, str]
+
+
+def run_cells(
+    model: nn.Module,
+    evaluation: Evaluation,
+    make_cells: Callable[[list[StoredLayer]], Sequence[SensitivityCell]],
+    *,
+    seeds: Sequence[int],
+    template: Any,
+    reuse: bool = True,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    progress: Progress | None = None,
+) -> CellsRun:
+    """Measure any cells over the paired ``seeds``: the engine of :func:`sensitivity`, open to other
+    cell builders (the protection planner, :mod:`qmargin.engine.planner`, measures one layer under one
+    protection scheme per cell).
+
+    ``make_cells(layers)`` builds the cells once the model is prepared (``layers``: the stored layers
+    ``template`` selects, :func:`stored_layers`); a cell's error models may be any
+    :class:`~qmargin.faults.ErrorModel` (``inject`` applies them together). Per cell and seed ``s``:
+    the drop ``d_s = sign * (m_clean - m_s)`` (module docstring), with prefix reuse where the model
+    traces. ``template`` is also what :func:`~qmargin.engine.cells.prepared` pins of foreign providers.
+    """
     with prepared(model, evaluation.device, template) as foreign:
         layers = stored_layers(model, template)
-        cells = sensitivity_cells(template, layers, by, ber)
+        cells = list(make_cells(layers))
         count_failures = reports_convergence(model, evaluation)
         clean = evaluate_pass(model, evaluation, count_failures=count_failures, fingerprint=True)
         metric = evaluation.metric
@@ -426,37 +504,17 @@ def sensitivity(
         fingerprint = {"model_sha256": model_fingerprint(model, foreign)}
     known = evaluation.known_fingerprint()
     fingerprint.update(known if known is not None else {"data_sha256": clean.data_sha256 or ""})
-    result: dict[str, Any] = {
-        "schema": SENSITIVITY_SCHEMA,
-        "schema_version": SENSITIVITY_VERSION,
-        "qmargin_version": qmargin.__version__,
-        "ber": ber,
-        "by": by,
-        "patterns": patterns,
-        "base_seed": base_seed,
-        "seeds": seeds,
-        "seed_scheme": "pattern r uses seed base_seed + r in every cell (paired)",
-        "ci_level": CI_LEVEL,
-        "drop": "sign * (clean - faulty), sign = +1 when higher is better: positive = worse",
-        "template": jsonable(template.to_dict()),
-        "metric": jsonable(evaluation.metric.to_dict(), "metric"),
-        "evaluation": {"n_test": clean.n, **evaluation.settings()},
-        "fingerprint": fingerprint,
-        "config": jsonable(config or {}),
-        "clean_value": clean.value,
-        "layers": [layer.to_dict() for layer in layers],
-        "bits": sorted({w for layer in layers for w in layer.widths}),
-        "full": out_cells[0],
-        "cells": out_cells[1:],
-        "prefix_reuse": {
+    return CellsRun(
+        clean.value,
+        clean.n,
+        layers,
+        out_cells,
+        {
             "used": traced is not None,
             "method": "torch.fx" if traced is not None else None,
             "reason": reason,
             "cache_bytes": cache_bytes,
             "prefix_ops_saved": saved_nodes,
         },
-        "timing": {"seconds": time.perf_counter() - t0},
-    }
-    if weights is not None:
-        result["weights"] = dict(weights)
-    return result
+        fingerprint,
+    )

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmargin.data import load_dataset
 from qmargin.data.specs import ImageOptions, open_data
@@ -40,7 +41,117 @@ from qmargin.report.sensitivity import plot_sensitivity, sensitivity_csv
 from qmargin.training import load_run, resolve_device
 from qmargin.training.checkpoint import MODEL_FILE
 
-__all__ = ["sensitivity_run", "sensitivity_external", "output_paths", "write_sensitivity"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "sensitivity_run",
+    "sensitivity_external",
+    "output_paths",
+    "write_sensitivity",
+    "Target",
+    "load_run_target",
+    "load_external_target",
+]
+
+
+@dataclass
+class Target:
+    """A model ready for a bit-error analysis: the model, its evaluation (data and metric), the
+    template error model (which stored tensors are hit), the configuration to record and the record
+    of its weights file. What ``sensitivity`` and ``protect`` load, one way for both."""
+
+    model: nn.Module
+    evaluation: Evaluation
+    template: BitErrorModel
+    config: dict[str, Any]
+    weights: dict[str, str] | None
+    run_config: Any = None
+
+
+def load_run_target(
+    run_dir: str | Path,
+    *,
+    layers: Sequence[str] = ("*",),
+    include_bias: bool = False,
+    batch_size: int = 1024,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    ptq_bits: int | None = None,
+    metric: Any = "top1",
+) -> Target:
+    """A run directory of ``qmargin train`` on its test split, as ``qmargin evaluate`` loads it (a
+    float run quantized to ``ptq_bits``, default 8; ``ptq_bits`` on a quantized run is an error)."""
+    dev = resolve_device(device)
+    model, config, _ = load_run(run_dir, device=dev)
+    extra: dict[str, Any] = {}
+    if not config.quantized:
+        bits = DEFAULT_PTQ_BITS if ptq_bits is None else ptq_bits
+        model = post_training_quantized(model, config, bits).to(dev)
+        extra["ptq_bits"] = bits
+    elif ptq_bits is not None:
+        raise ConfigError(
+            f"{run_dir}: a {config.bits}-bit run is analysed on its stored codes; --bits is for float runs"
+        )
+    data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
+    template = error_model_for(layers=layers, include_bias=include_bias)
+    assert isinstance(template, BitErrorModel)  # no protect spec: a plain template
+    evaluation = Evaluation(
+        (data.x_test, data.y_test), metric_from_spec(metric), batch_size=batch_size, device=dev
+    )
+    return Target(
+        model,
+        evaluation,
+        template,
+        {"run_dir": str(run_dir), **config.to_dict(), **extra},
+        weights_record(Path(run_dir) / MODEL_FILE),
+        config,
+    )
+
+
+def load_external_target(
+    model_spec: str,
+    data_spec: str,
+    *,
+    model_args: Mapping[str, Any] | None = None,
+    weights: str | Path | None = None,
+    quant: QuantOptions | None = None,
+    image: ImageOptions | None = None,
+    include_bias: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    metric: Any = "top1",
+    data_identity: str | None = None,
+) -> Target:
+    """A user's own network (built, loaded and quantized by
+    :func:`qmargin.experiments.external.load_external_model`) on a data spec, streamed."""
+    quant = quant or QuantOptions()
+    resolved = metric_from_spec(metric)
+    dev = resolve_device(device)
+    source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
+    ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
+    num_classes = _preflight(ext.model, source, dev, logits=resolved.batch is None)
+    if num_classes is not None:
+        if source.num_classes is not None and source.num_classes > num_classes:
+            raise DataError(
+                f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs"
+            )
+        source.loader.num_classes = num_classes
+    template = error_model_for(
+        layers=tuple(quant.layers) if ext.mode == "given" else ("*",), include_bias=include_bias
+    )
+    assert isinstance(template, BitErrorModel)  # no protect spec: a plain template
+    if ext.mode == "given" and quant.exclude:
+        template = dataclasses.replace(template, exclude=tuple(quant.exclude))
+    evaluation = Evaluation(source.loader, resolved, identity=data_identity, device=dev)
+    return Target(
+        ext.model,
+        evaluation,
+        template,
+        {**ext.config, "data": data_spec, "data_source": source.describe},
+        ext.weights,
+    )
 
 
 def output_paths(out_path: str | Path, plot: bool = True) -> dict[str, Path]:
@@ -90,23 +201,17 @@ def sensitivity_run(
     ``qmargin evaluate`` does; ``ptq_bits`` on a quantized run is an error."""
     if out_path is not None:
         check_outputs(output_paths(out_path, plot), inputs=run_input_files(run_dir))
-    dev = resolve_device(device)
-    model, config, _ = load_run(run_dir, device=dev)
-    extra: dict[str, Any] = {}
-    if not config.quantized:
-        bits = DEFAULT_PTQ_BITS if ptq_bits is None else ptq_bits
-        model = post_training_quantized(model, config, bits).to(dev)
-        extra["ptq_bits"] = bits
-    elif ptq_bits is not None:
-        raise ConfigError(
-            f"{run_dir}: a {config.bits}-bit run is analysed on its stored codes; --bits is for float runs"
-        )
-    data = load_dataset(config.dataset, data_dir=data_dir or config.data_dir)
-    template = error_model_for(layers=layers, include_bias=include_bias)
-    assert isinstance(template, BitErrorModel)  # no protect spec: a plain template
-    evaluation = Evaluation(
-        (data.x_test, data.y_test), metric_from_spec(metric), batch_size=batch_size, device=dev
+    target = load_run_target(
+        run_dir,
+        layers=layers,
+        include_bias=include_bias,
+        batch_size=batch_size,
+        device=device,
+        data_dir=data_dir,
+        ptq_bits=ptq_bits,
+        metric=metric,
     )
+    model, evaluation, template = target.model, target.evaluation, target.template
     result = sensitivity(
         model,
         evaluation,
@@ -117,8 +222,8 @@ def sensitivity_run(
         template=template,
         reuse=reuse,
         cache_bytes=cache_bytes,
-        config={"run_dir": str(run_dir), **config.to_dict(), **extra},
-        weights=weights_record(Path(run_dir) / MODEL_FILE),
+        config=target.config,
+        weights=target.weights,
         progress=progress,
     )
     if out_path is not None:
@@ -154,37 +259,32 @@ def sensitivity_external(
     """Sensitivity of a user's own network (built, loaded and quantized by
     :func:`qmargin.experiments.external.load_external_model`) on a data spec, streamed."""
     check_outputs(output_paths(out_path, plot), inputs=external_input_files(weights, data_spec))
-    quant = quant or QuantOptions()
-    resolved = metric_from_spec(metric)
-    dev = resolve_device(device)
-    source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
-    ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
-    num_classes = _preflight(ext.model, source, dev, logits=resolved.batch is None)
-    if num_classes is not None:
-        if source.num_classes is not None and source.num_classes > num_classes:
-            raise DataError(
-                f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs"
-            )
-        source.loader.num_classes = num_classes
-    template = error_model_for(
-        layers=tuple(quant.layers) if ext.mode == "given" else ("*",), include_bias=include_bias
+    target = load_external_target(
+        model_spec,
+        data_spec,
+        model_args=model_args,
+        weights=weights,
+        quant=quant,
+        image=image,
+        include_bias=include_bias,
+        batch_size=batch_size,
+        device=device,
+        data_dir=data_dir,
+        metric=metric,
+        data_identity=data_identity,
     )
-    assert isinstance(template, BitErrorModel)  # no protect spec: a plain template
-    if ext.mode == "given" and quant.exclude:
-        template = dataclasses.replace(template, exclude=tuple(quant.exclude))
-    evaluation = Evaluation(source.loader, resolved, identity=data_identity, device=dev)
     result = sensitivity(
-        ext.model,
-        evaluation,
+        target.model,
+        target.evaluation,
         ber=ber,
         by=by,
         patterns=patterns,
         base_seed=base_seed,
-        template=template,
+        template=target.template,
         reuse=reuse,
         cache_bytes=cache_bytes,
-        config={**ext.config, "data": data_spec, "data_source": source.describe},
-        weights=ext.weights,
+        config=target.config,
+        weights=target.weights,
         progress=progress,
     )
     write_sensitivity(result, out_path, plot=plot)
