@@ -27,6 +27,27 @@ from qmargin.files import sigint_deferred
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
+
+@pytest.fixture(autouse=True)
+def _python_sigint():
+    """Python's own Ctrl-C handling in this process, whatever an earlier test's library left behind.
+
+    In one loaded full run (never alone, never in a bisection) every test here saw SIGINT neither
+    raised in process nor acted on in child processes, as if the signal had been ignored or blocked
+    at the OS level, where ``signal.getsignal`` cannot see it. Re-installing Python's handler and
+    unblocking SIGINT makes these tests test qmargin, not that leftover (children get the same in
+    :func:`_default_sigint`)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield
+
+
+def _default_sigint() -> None:
+    """In a child before ``exec``: SIGINT handled by default and not blocked, so Python installs its
+    KeyboardInterrupt handler at start-up (an ignored SIGINT would be inherited and kept)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
 TRAIN = [
     "--dataset",
     "digits",
@@ -55,8 +76,9 @@ def run(*args: str | Path) -> subprocess.CompletedProcess:
 def interrupt_when(args: list[str], ready, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """Start ``qmargin ARGS``, send SIGINT once ``ready()`` holds, and wait for it to exit."""
     proc = subprocess.Popen(
-        qmargin(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-    )
+        qmargin(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=_default_sigint,
+    )  # fmt: skip
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, ("finished before it could be interrupted", proc.communicate())
