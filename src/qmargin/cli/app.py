@@ -1385,20 +1385,7 @@ def sensitivity(
     if ber is None:
         raise ConfigError("--ber P is required (a bit error rate in (0, 1])")
     opt.check_seed_span(seed, patterns)
-    spec = model
-    run: Path | None = None
-    if run_or_model is not None:
-        if spec is not None:
-            raise ConfigError(f"give a run directory or model ({run_or_model}) or --model, not both")
-        if Path(run_or_model).is_dir():
-            run = Path(run_or_model)
-        elif ":" in run_or_model:
-            spec = run_or_model
-        else:
-            raise ConfigError(
-                f"{run_or_model} is neither a run directory nor a model spec "
-                "(pkg.module:factory, file.py:factory)"
-            )
+    run, spec = _run_or_model_spec(run_or_model, model)
     layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip()) or ("*",)
     common: dict[str, Any] = {
         "ber": ber,
@@ -1418,56 +1405,13 @@ def sensitivity(
     from qmargin.report.sensitivity import sensitivity_table  # lazy: matplotlib
 
     with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
-        if spec is not None:
-            if data is None:
-                raise ConfigError(
-                    "--model needs --data (a dataset name, npz:FILE, folder:DIR or pkg.module:fn)"
-                )
-            if out is None:
-                raise ConfigError("a model spec needs --out FILE.json (where the result goes)")
-            from qmargin.experiments.external import QuantOptions  # lazy: torch
-
-            result = sensitivity_external(
-                spec,
-                data,
-                out_path=out,
-                model_args=_key_values("--model-arg", model_arg or []),
-                weights=weights,
-                data_identity=data_identity,
-                progress=progress,
-                quant=QuantOptions(
-                    bits=bits,
-                    symmetric=quant == "sym",
-                    per_channel=per_channel,
-                    layers=layer_patterns,
-                    exclude=tuple(p.strip() for p in (exclude or "").split(",") if p.strip()),
-                ),
-                **common,
-            )
-            name = spec
-        else:
-            if run is None:
-                raise ConfigError(
-                    "give a run directory of 'qmargin train', or a model spec with --data and --out"
-                )
-            for flag, on in (
-                ("--model-arg", bool(model_arg)),
-                ("--weights", weights is not None),
-                ("--data", data is not None),
-                ("--exclude", exclude is not None),
-                ("--quant", quant != "sym"),
-                ("--per-channel", per_channel),
-                ("--data-identity", data_identity is not None),
-            ):
-                if on:
-                    raise ConfigError(
-                        f"{flag} is for a model spec; a run directory brings its own model and data"
-                    )
-            out = out or run / "sensitivity.json"
-            result = sensitivity_run(
-                run, out_path=out, layers=layer_patterns, ptq_bits=bits, progress=progress, **common
-            )
-            name = str(run)
+        result, name, out = _on_run_or_model_spec(
+            run, spec, default_out="sensitivity.json", what="result", on_spec=sensitivity_external,
+            on_run=sensitivity_run,
+            data=data, out=out, model_arg=model_arg, weights=weights, data_identity=data_identity,
+            bits=bits, quant=quant, per_channel=per_channel, layer_patterns=layer_patterns,
+            exclude=exclude, progress=progress, common=common,
+        )  # fmt: skip
     reuse_note = result["prefix_reuse"]
     console.print(sensitivity_table(result, title=f"{name}: {_metric_label(result)} drop by {by}"))
     console.print(
@@ -1477,6 +1421,88 @@ def sensitivity(
     )
     files = [out, out.with_suffix(".csv")] + ([out.with_suffix(".png")] if plot else [])
     console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _run_or_model_spec(run_or_model: str | None, model: str | None) -> tuple[Path | None, str | None]:
+    """``(run directory, model spec)`` of a command taking either as its argument, or ``--model``."""
+    if run_or_model is None:
+        return None, model
+    if model is not None:
+        raise ConfigError(f"give a run directory or model ({run_or_model}) or --model, not both")
+    if Path(run_or_model).is_dir():
+        return Path(run_or_model), None
+    if ":" in run_or_model:
+        return None, run_or_model
+    raise ConfigError(
+        f"{run_or_model} is neither a run directory nor a model spec (pkg.module:factory, file.py:factory)"
+    )
+
+
+def _on_run_or_model_spec(
+    run: Path | None,
+    spec: str | None,
+    *,
+    default_out: str,
+    what: str,
+    on_spec: Any,
+    on_run: Any,
+    data: str | None,
+    out: Path | None,
+    model_arg: list[str] | None,
+    weights: Path | None,
+    data_identity: str | None,
+    bits: int | None,
+    quant: str,
+    per_channel: bool,
+    layer_patterns: tuple[str, ...],
+    exclude: str | None,
+    progress: Any,
+    common: dict[str, Any],
+) -> tuple[dict[str, Any], str, Path]:
+    """``(result, name, result path)``: ``on_spec`` for a user's model spec (needs ``--data`` and ``--out``),
+    ``on_run`` for a run directory (refusing the model-spec flags; ``--out`` defaults to
+    ``RUN/default_out``), as ``qmargin sensitivity`` and ``qmargin protect`` take them."""
+    if spec is not None:
+        if data is None:
+            raise ConfigError("--model needs --data (a dataset name, npz:FILE, folder:DIR or pkg.module:fn)")
+        if out is None:
+            raise ConfigError(f"a model spec needs --out FILE.json (where the {what} goes)")
+        from qmargin.experiments.external import QuantOptions  # lazy: torch
+
+        result = on_spec(
+            spec,
+            data,
+            out_path=out,
+            model_args=_key_values("--model-arg", model_arg or []),
+            weights=weights,
+            data_identity=data_identity,
+            progress=progress,
+            quant=QuantOptions(
+                bits=bits,
+                symmetric=quant == "sym",
+                per_channel=per_channel,
+                layers=layer_patterns,
+                exclude=tuple(p.strip() for p in (exclude or "").split(",") if p.strip()),
+            ),
+            **common,
+        )
+        return result, spec, out
+    if run is None:
+        raise ConfigError("give a run directory of 'qmargin train', or a model spec with --data and --out")
+    for flag, on in (
+        ("--model-arg", bool(model_arg)),
+        ("--weights", weights is not None),
+        ("--data", data is not None),
+        ("--exclude", exclude is not None),
+        ("--quant", quant != "sym"),
+        ("--per-channel", per_channel),
+        ("--data-identity", data_identity is not None),
+    ):
+        if on:
+            raise ConfigError(f"{flag} is for a model spec; a run directory brings its own model and data")
+    out = out or run / default_out
+    result = on_run(run, out_path=out, layers=layer_patterns, ptq_bits=bits, progress=progress, **common)
+    return result, str(run), out
 
 
 def _dump(obj) -> str:
@@ -1628,20 +1654,7 @@ def protect(
     from qmargin.experiments.protect import parse_choices  # lazy: torch
 
     choice_list = parse_choices(choices)
-    spec = model
-    run: Path | None = None
-    if run_or_model is not None:
-        if spec is not None:
-            raise ConfigError(f"give a run directory or model ({run_or_model}) or --model, not both")
-        if Path(run_or_model).is_dir():
-            run = Path(run_or_model)
-        elif ":" in run_or_model:
-            spec = run_or_model
-        else:
-            raise ConfigError(
-                f"{run_or_model} is neither a run directory nor a model spec "
-                "(pkg.module:factory, file.py:factory)"
-            )
+    run, spec = _run_or_model_spec(run_or_model, model)
     layer_patterns = tuple(p.strip() for p in layers.split(",") if p.strip()) or ("*",)
     common: dict[str, Any] = {
         "ber": ber,
@@ -1663,56 +1676,13 @@ def protect(
     from qmargin.experiments.protect import protect_external, protect_run  # lazy: torch
 
     with _StepsProgress(enabled=_progress_enabled(quiet)) as progress:
-        if spec is not None:
-            if data is None:
-                raise ConfigError(
-                    "--model needs --data (a dataset name, npz:FILE, folder:DIR or pkg.module:fn)"
-                )
-            if out is None:
-                raise ConfigError("a model spec needs --out FILE.json (where the plan goes)")
-            from qmargin.experiments.external import QuantOptions  # lazy: torch
-
-            result = protect_external(
-                spec,
-                data,
-                out_path=out,
-                model_args=_key_values("--model-arg", model_arg or []),
-                weights=weights,
-                data_identity=data_identity,
-                progress=progress,
-                quant=QuantOptions(
-                    bits=bits,
-                    symmetric=quant == "sym",
-                    per_channel=per_channel,
-                    layers=layer_patterns,
-                    exclude=tuple(p.strip() for p in (exclude or "").split(",") if p.strip()),
-                ),
-                **common,
-            )
-            name = spec
-        else:
-            if run is None:
-                raise ConfigError(
-                    "give a run directory of 'qmargin train', or a model spec with --data and --out"
-                )
-            for flag, on in (
-                ("--model-arg", bool(model_arg)),
-                ("--weights", weights is not None),
-                ("--data", data is not None),
-                ("--exclude", exclude is not None),
-                ("--quant", quant != "sym"),
-                ("--per-channel", per_channel),
-                ("--data-identity", data_identity is not None),
-            ):
-                if on:
-                    raise ConfigError(
-                        f"{flag} is for a model spec; a run directory brings its own model and data"
-                    )
-            out = out or run / "protect.json"
-            result = protect_run(
-                run, out_path=out, layers=layer_patterns, ptq_bits=bits, progress=progress, **common
-            )
-            name = str(run)
+        result, name, out = _on_run_or_model_spec(
+            run, spec, default_out="protect.json", what="plan", on_spec=protect_external,
+            on_run=protect_run,
+            data=data, out=out, model_arg=model_arg, weights=weights, data_identity=data_identity,
+            bits=bits, quant=quant, per_channel=per_channel, layer_patterns=layer_patterns,
+            exclude=exclude, progress=progress, common=common,
+        )  # fmt: skip
     title = f"{name}: {_metric_label(result)} drop per layer and scheme"
     console.print(protect_layers_table(result, title=title))
     for line in protect_trace_lines(result):

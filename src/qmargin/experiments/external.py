@@ -62,6 +62,7 @@ __all__ = [
     "check_layout",
     "quantize_external",
     "load_external_model",
+    "open_external",
     "evaluate_external",
     "external_input_files",
     "ImageOptions",
@@ -298,6 +299,37 @@ def _preflight(model: nn.Module, source: DataSource, device: torch.device, *, lo
     return int(out.shape[1])
 
 
+def open_external(
+    model_spec: str,
+    data_spec: str,
+    *,
+    model_args: Mapping[str, Any] | None,
+    weights: str | Path | None,
+    quant: QuantOptions,
+    image: ImageOptions | None,
+    batch_size: int,
+    device: str,
+    data_dir: str | Path | None,
+    metric: Any,
+) -> tuple[ExternalModel, DataSource, Any, torch.device]:
+    """A user's network and data spec, ready to evaluate: ``(model, data source, resolved metric,
+    device)``. The model is built, loaded and quantized (:func:`load_external_model`), one batch is run
+    through it (:func:`_preflight`), and the data's labels are checked against its outputs (a data
+    spec with more classes than outputs is a ``DataError``; the rest is checked as batches stream)."""
+    resolved = metric_from_spec(metric)
+    dev = resolve_device(device)
+    source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
+    ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
+    num_classes = _preflight(ext.model, source, dev, logits=resolved.batch is None)
+    if num_classes is not None:
+        if source.num_classes is not None and source.num_classes > num_classes:
+            raise DataError(
+                f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs"
+            )
+        source.loader.num_classes = num_classes  # labels are checked against the outputs as they stream
+    return ext, source, resolved, dev
+
+
 @holds_lock("out_path", kind="file")
 def evaluate_external(
     model_spec: str,
@@ -358,17 +390,10 @@ def evaluate_external(
         inputs=external_input_files(weights, data_spec),
     )
     quant = quant or QuantOptions()
-    resolved = metric_from_spec(metric)
-    dev = resolve_device(device)
-    source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
-    ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
-    num_classes = _preflight(ext.model, source, dev, logits=resolved.batch is None)
-    if num_classes is not None:
-        if source.num_classes is not None and source.num_classes > num_classes:
-            raise DataError(
-                f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs"
-            )
-        source.loader.num_classes = num_classes  # labels are checked against the outputs as they stream
+    ext, source, resolved, dev = open_external(
+        model_spec, data_spec, model_args=model_args, weights=weights, quant=quant, image=image,
+        batch_size=batch_size, device=device, data_dir=data_dir, metric=metric,
+    )  # fmt: skip
     if on_model is not None:
         on_model(ext)
     layers = tuple(quant.layers) if ext.mode == "given" else ("*",)

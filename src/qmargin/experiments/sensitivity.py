@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmargin.data import load_dataset
-from qmargin.data.specs import ImageOptions, open_data
+from qmargin.data.specs import ImageOptions
 from qmargin.engine import Evaluation
 from qmargin.engine.sensitivity import DEFAULT_CACHE_BYTES, sensitivity
 from qmargin.engine.store import dumps
-from qmargin.errors import ConfigError, DataError
+from qmargin.errors import ConfigError
 from qmargin.experiments.campaign import weights_record
 from qmargin.experiments.evaluate import (
     DEFAULT_PTQ_BITS,
@@ -29,12 +29,7 @@ from qmargin.experiments.evaluate import (
     post_training_quantized,
     run_input_files,
 )
-from qmargin.experiments.external import (
-    QuantOptions,
-    _preflight,
-    external_input_files,
-    load_external_model,
-)
+from qmargin.experiments.external import QuantOptions, external_input_files, open_external
 from qmargin.faults import BitErrorModel
 from qmargin.files import check_outputs, holds_lock, write_text_atomic
 from qmargin.report.sensitivity import plot_sensitivity, sensitivity_csv
@@ -127,17 +122,10 @@ def load_external_target(
     """A user's own network (built, loaded and quantized by
     :func:`qmargin.experiments.external.load_external_model`) on a data spec, streamed."""
     quant = quant or QuantOptions()
-    resolved = metric_from_spec(metric)
-    dev = resolve_device(device)
-    source = open_data(data_spec, batch_size=batch_size, image=image, data_dir=data_dir)
-    ext = load_external_model(model_spec, model_args=model_args, weights=weights, quant=quant)
-    num_classes = _preflight(ext.model, source, dev, logits=resolved.batch is None)
-    if num_classes is not None:
-        if source.num_classes is not None and source.num_classes > num_classes:
-            raise DataError(
-                f"{source.spec} has {source.num_classes} classes, the model {num_classes} outputs"
-            )
-        source.loader.num_classes = num_classes
+    ext, source, resolved, dev = open_external(
+        model_spec, data_spec, model_args=model_args, weights=weights, quant=quant, image=image,
+        batch_size=batch_size, device=device, data_dir=data_dir, metric=metric,
+    )  # fmt: skip
     template = error_model_for(
         layers=tuple(quant.layers) if ext.mode == "given" else ("*",), include_bias=include_bias
     )
